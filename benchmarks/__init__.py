@@ -1,0 +1,1 @@
+"""Benchmark adapters: one module per benchmark, registered with its protocol."""

@@ -1,0 +1,166 @@
+"""The ``comat`` command line (Typer). Options shared by several commands are defined once, below."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from comat.config import load_config
+from comat.errors import ComatError
+
+app = typer.Typer(
+    name="comat",
+    help="Train, evaluate and ablate text-to-image alignment methods (CoMat and its peers).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+toy_app = typer.Typer(help="The toy world: procedural scenes and the small model zoo that runs everything on a CPU.")
+app.add_typer(toy_app, name="toy")
+err = Console(stderr=True)
+
+# --- shared options ---------------------------------------------------------------------------------
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Base model: 'toy' (default), a hub id, or a local diffusers pipeline directory."),
+]
+CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="LoRA directory written by `comat train`.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Base random seed.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config file.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override one config field: field=value (repeatable).")
+]
+
+C = TypeVar("C")
+
+
+def resolve_config(cls: type[C], config: Optional[Path], sets: Optional[list[str]], **flags) -> C:
+    """Defaults < config file < --set overrides < explicit command-line flags."""
+    cfg = load_config(cls, config, sets or ())
+    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+
+
+def not_yet(command: str, issue: int) -> None:
+    raise ComatError(f"`comat {command}` is not available in this version yet (tracked in issue #{issue})")
+
+
+# --- commands ---------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Text file, one prompt per line.")] = None,
+    model: ModelOpt = None,
+    ckpt: CkptOpt = None,
+    out: OutOpt = Path("out/generate"),
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    images_per_prompt: Annotated[Optional[int], typer.Option("--images-per-prompt", "-n")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate images for prompts with a base model and an optional LoRA."""
+    from comat.generate import GenerateConfig, generate as run, read_prompt_file
+
+    listed = list(prompt or []) + (read_prompt_file(prompts) if prompts else [])
+    cfg = resolve_config(
+        GenerateConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
+        steps=steps, guidance=guidance, images_per_prompt=images_per_prompt, prompts=listed or None,
+    )
+    paths = run(cfg, out)
+    err.print(f"wrote {len(paths)} images and config.resolved.yaml to {out}")
+
+
+@app.command()
+def train(model: ModelOpt = None, out: OutOpt = Path("out/train"), seed: SeedOpt = None, device: DeviceOpt = None,
+          config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Fine-tune a model with CoMat (concept activation, fidelity preservation, attribute concentration)."""
+    not_yet("train", 4)
+
+
+@app.command("eval")
+def evaluate(benchmark: Annotated[str, typer.Argument(help="Benchmark name, e.g. t2i-compbench.")],
+             model: ModelOpt = None, ckpt: CkptOpt = None, out: OutOpt = Path("out/eval"), seed: SeedOpt = None,
+             device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Generate and score a benchmark (T2I-CompBench, TIFA, DPG-Bench, FID-10K) for a checkpoint."""
+    not_yet("eval", 5)
+
+
+@app.command()
+def ablate(matrix: Annotated[str, typer.Argument(help="Ablation matrix name (a file in ablations/).")],
+           model: ModelOpt = None, out: OutOpt = Path("reports"), seed: SeedOpt = None, device: DeviceOpt = None,
+           config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train and evaluate every cell of an ablation matrix; write the paper-shaped table."""
+    not_yet("ablate", 6)
+
+
+@app.command()
+def sensitivity(captioner: Annotated[str, typer.Option(help="blip, git, llava or a toy captioner.")] = "blip",
+                model: ModelOpt = None, out: OutOpt = Path("out/sensitivity"), seed: SeedOpt = None,
+                device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Captioner sensitivity to attribute, relation and noun corruptions (paper Table 7)."""
+    not_yet("sensitivity", 5)
+
+
+@app.command()
+def attack(model: ModelOpt = None, ckpt: CkptOpt = None, out: OutOpt = Path("out/attack"), seed: SeedOpt = None,
+           device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Gumbel-softmax prompt attack success rate on short and long prompts."""
+    not_yet("attack", 5)
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run directory written by `comat ablate` or `comat eval`.")],
+           out: OutOpt = Path("reports")) -> None:
+    """Gather the tables, plots and image grids of a run into one Markdown page."""
+    not_yet("report", 6)
+
+
+@toy_app.command("render")
+def toy_render(
+    out: OutOpt = Path("out/toy-render"),
+    n: Annotated[int, typer.Option("--n", help="Number of scenes.")] = 16,
+    seed: SeedOpt = None,
+    category: Annotated[Optional[str], typer.Option(help="Prompt category (default: a mix).")] = None,
+) -> None:
+    """Write a grid of toy scenes with their prompts and ground truth."""
+    from comat.toy.world import render_grid
+
+    path = render_grid(out, n=n, seed=seed or 0, category=category)
+    err.print(f"wrote {path}")
+
+
+@toy_app.command("pretrain")
+def toy_pretrain(only: Annotated[Optional[str], typer.Option(help="Train only this zoo model.")] = None,
+                 out: OutOpt = Path("comat/toy/zoo"), seed: SeedOpt = None, device: DeviceOpt = None) -> None:
+    """Train the toy model zoo (resumable from the last checkpoint)."""
+    not_yet("toy pretrain", 3)
+
+
+@toy_app.command("eval-zoo")
+def toy_eval_zoo(out: OutOpt = Path("reports/toy"), device: DeviceOpt = None) -> None:
+    """Measure the toy zoo's quality bars (judges against ground truth, the text-to-image model's failures)."""
+    not_yet("toy eval-zoo", 3)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    # Library chatter (progress bars, deprecation notes) would bury the tool's own output; set before they import.
+    for var, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(var, value)
+    try:
+        app()
+    except ComatError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""One model layer for hub ids, local directories and the toy zoo."""

@@ -1,0 +1,33 @@
+"""Device choice and the package versions recorded beside every output."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from comat.errors import ComatError
+
+RECORDED_PACKAGES = ("comat", "torch", "diffusers", "transformers", "peft", "accelerate", "spacy")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ComatError(f"device '{device}' was asked for but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ComatError(f"device '{device}' is not a torch device; use auto, cpu, cuda or cuda:N") from None
+
+
+def environment() -> dict[str, str]:
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"python": platform.python_version(), **versions}
