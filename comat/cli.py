@@ -142,10 +142,33 @@ def toy_render(
 
 
 @toy_app.command("pretrain")
-def toy_pretrain(only: Annotated[Optional[str], typer.Option(help="Train only this zoo model.")] = None,
-                 out: OutOpt = Path("comat/toy/zoo"), seed: SeedOpt = None, device: DeviceOpt = None) -> None:
-    """Train the toy model zoo (resumable from the last checkpoint)."""
-    not_yet("toy pretrain", 3)
+def toy_pretrain(
+    only: Annotated[Optional[str], typer.Option(help="Train only this zoo model.")] = None,
+    zoo: Annotated[Optional[Path], typer.Option(help="Zoo directory (default: the package's comat/toy/zoo).")] = None,
+    work: Annotated[Path, typer.Option(help="Training checkpoints, for resuming.")] = Path("checkpoints/toy"),
+    seed: SeedOpt = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for this process.")] = 1,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this long (checkpointed; rerun to resume).")] = None,
+    force: Annotated[bool, typer.Option(help="Retrain models that are already in the zoo.")] = False,
+) -> None:
+    """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
+    from comat.models.hub import TOY_ZOO
+    from comat.toy.pretrain import PretrainConfig, train_recipe
+    from comat.toy.recipes import RECIPES
+
+    if only is not None and only not in RECIPES:
+        raise ComatError(f"unknown toy model '{only}'; the zoo has {', '.join(RECIPES)}")
+    zoo = zoo or TOY_ZOO
+    cfg = PretrainConfig(seed=seed or 0, threads=threads, max_minutes=max_minutes)
+    for name in [only] if only else list(RECIPES):
+        if (zoo / name / "training.json").is_file() and not force:
+            err.print(f"{name}: already in the zoo ({zoo / name}); --force retrains it")
+            continue
+        show = lambda step, total, row, name=name: err.print(f"{name} {step}/{total} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "step"))
+        done = train_recipe(RECIPES[name](), cfg, zoo=zoo, work=work, progress=show)
+        err.print(f"{name}: {'exported to ' + str(zoo / name) if done else 'paused (checkpointed); rerun to resume'}")
+        if not done:
+            break
 
 
 @toy_app.command("eval-zoo")

@@ -1,0 +1,155 @@
+"""Training the toy model zoo: one resumable loop, one small recipe per model.
+
+Each recipe builds standard diffusers / transformers models from small configs, trains them on scenes
+rendered on the fly, and exports them with ``save_pretrained`` into ``comat/toy/zoo/<name>``, where the
+same loaders that read hub checkpoints read them. Training state (weights, optimizer, step, RNG) is
+checkpointed every ``ckpt_every_s`` seconds, so a killed run resumes where it stopped and ends with
+the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from comat.checkpoint import load_checkpoint, save_checkpoint
+from comat.errors import ComatError
+from comat.io import atomic_write_json
+from comat.models.hub import TOY_ZOO
+from comat.runtime import environment
+
+LOG_EVERY = 25
+
+
+class Recipe(Protocol):
+    name: str
+    requires: tuple[str, ...]
+    steps: int
+    lr: float
+    ema: float  # EMA decay of the exported weights (0: export the raw weights)
+
+    def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
+        """The models; the trainable parameters are those with ``requires_grad``."""
+
+    def loss(self, modules: dict[str, torch.nn.Module], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """One batch: draw scenes from ``rng``, return the loss and numbers to log."""
+
+    def export(self, modules: dict[str, torch.nn.Module], zoo: Path) -> None:
+        """Write the finished model(s) into the zoo with ``save_pretrained``."""
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    seed: int = 0
+    threads: int = 1
+    ckpt_every_s: float = 120.0
+    max_minutes: float | None = None  # stop (checkpointed) after this long; the next call resumes
+    pause_at_step: int | None = None  # stop (checkpointed) at this step; deterministic, for tests and chunked runs
+
+
+def _ema_copy(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    return {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.nn.Module], modules: dict[str, torch.nn.Module], decay: float) -> None:
+    for k, shadow in ema.items():
+        for s, p in zip(shadow.parameters(), modules[k].parameters()):
+            s.lerp_(p, 1 - decay)
+
+
+def train_recipe(
+    recipe: Recipe,
+    cfg: PretrainConfig,
+    *,
+    zoo: Path = TOY_ZOO,
+    work: Path,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> bool:
+    """Train (or resume) ``recipe``; export it when its schedule completes. Returns True when finished."""
+    missing = [r for r in recipe.requires if not (zoo / r).is_dir()]
+    if missing:
+        raise ComatError(f"toy model '{recipe.name}' needs {', '.join(missing)} first; run `comat toy pretrain --only {missing[0]}`")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    modules = recipe.build(zoo)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    ema = _ema_copy(modules) if recipe.ema else {}
+    ckpt = work / recipe.name / "last"
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt, modules={**modules, **{f"ema_{k}": m for k, m in ema.items()}}, optimizers={"opt": opt}, rng=rng)
+        step, elapsed = state["step"], state["extra"]["elapsed_s"]
+    log_path = work / recipe.name / "log.csv"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start, last_ckpt = time.monotonic(), time.monotonic()
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt, step=step, modules={**modules, **{f"ema_{k}": m for k, m in ema.items()}}, optimizers={"opt": opt},
+            rng=rng, extra={"elapsed_s": elapsed + time.monotonic() - start},
+        )
+
+    for m in modules.values():
+        m.train()
+    while step < recipe.steps:
+        loss, logs = recipe.loss(modules, rng)
+        if not torch.isfinite(loss):
+            raise ComatError(f"toy '{recipe.name}' loss is {loss.item()} at step {step}; the last checkpoint ({ckpt}) is kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema:
+            _ema_update(ema, modules, recipe.ema)
+        step += 1
+        if step % LOG_EVERY == 0 or step == recipe.steps:
+            row = {"step": step, "loss": round(loss.item(), 5), **{k: round(float(v), 5) for k, v in logs.items()},
+                   "elapsed_s": round(elapsed + time.monotonic() - start, 1)}
+            new = not log_path.exists()
+            with log_path.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+            if progress:
+                progress(step, recipe.steps, row)
+        if time.monotonic() - last_ckpt > cfg.ckpt_every_s:
+            checkpoint()
+            last_ckpt = time.monotonic()
+        out_of_time = cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
+        if out_of_time or step == cfg.pause_at_step:
+            checkpoint()
+            return False
+    checkpoint()
+    for m in modules.values():
+        m.eval()
+    final = {**modules, **ema}
+    recipe.export(final, zoo)
+    atomic_write_json(
+        zoo / recipe.name / "training.json",
+        {"recipe": recipe.name, "steps": recipe.steps, "lr": recipe.lr, "seed": cfg.seed, "ema": recipe.ema,
+         "train_seconds": round(elapsed + time.monotonic() - start), "threads": cfg.threads,
+         "environment": environment()},
+    )
+    return True
+
+
+def export_fp16(model: torch.nn.Module, directory: Path, **kwargs) -> None:
+    """``save_pretrained`` in float16: halves the zoo's size; loaders cast back to the dtype they ask for."""
+    copy.deepcopy(model).to(torch.float16).save_pretrained(directory, safe_serialization=True, **kwargs)
+
+
+def read_training_record(zoo: Path, name: str) -> dict:
+    path = zoo / name / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,186 @@
+"""Recipes of the toy zoo: architectures (standard configs, small sizes) and their training losses.
+
+Sizes were chosen for a 2-core CPU and a 30 MB zoo (weights stored in float16): the CLIP token table
+(49,408 x 64) is the largest single tensor, because the text encoder keeps the real CLIP vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from comat.models.tokenizer import clip_tokenizer
+from comat.toy.pretrain import export_fp16
+from comat.toy.prompts import COLORS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec
+from comat.toy.world import SIZE, sample_batch
+
+TEXT_MAX_LENGTH = 32  # toy prompts stay under 25 CLIP tokens; shorter sequences make every step cheaper
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_ATTRIBUTE_VALUES = {"color": COLORS, "texture": TEXTURES, "size": SIZES, "shape": SHAPES}
+
+
+def corrupt(spec: PromptSpec, rng: np.random.Generator) -> PromptSpec:
+    """A hard negative: swap one attribute between two mentions, or change one when nothing can be swapped."""
+    mentions = list(spec.mentions)
+    kinds = list(_ATTRIBUTE_VALUES)
+    rng.shuffle(kinds)
+    if len(mentions) >= 2:
+        i, j = rng.choice(len(mentions), size=2, replace=False)
+        for kind in kinds:
+            a, b = getattr(mentions[i], kind), getattr(mentions[j], kind)
+            if a and b and a != b:
+                mentions[i], mentions[j] = (dataclasses.replace(mentions[i], **{kind: b}),
+                                            dataclasses.replace(mentions[j], **{kind: a}))
+                return dataclasses.replace(spec, mentions=tuple(mentions))
+    i = int(rng.integers(len(mentions)))
+    for kind in kinds:
+        current = getattr(mentions[i], kind)
+        if current:
+            other = [v for v in _ATTRIBUTE_VALUES[kind] if v != current]
+            mentions[i] = dataclasses.replace(mentions[i], **{kind: other[rng.integers(len(other))]})
+            return dataclasses.replace(spec, mentions=tuple(mentions))
+    return spec
+
+
+def toy_tokenizer() -> CLIPTokenizer:
+    return clip_tokenizer(model_max_length=TEXT_MAX_LENGTH)
+
+
+def _tokenize(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt").input_ids
+
+
+def clip_normalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class ClipRecipe:
+    """A small CLIP trained contrastively, with attribute-swapped captions as hard negatives; its text
+    tower becomes the text-to-image model's (frozen) text encoder, the whole model the CLIPScore judge."""
+
+    name, requires, steps, lr, ema, batch = "clip", (), 4000, 5e-4, 0.0, 64
+
+    def __init__(self) -> None:
+        self.tokenizer = toy_tokenizer()
+
+    def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
+        config = CLIPConfig(
+            text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                             num_attention_heads=4, max_position_embeddings=TEXT_MAX_LENGTH,
+                             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+            vision_config=dict(image_size=SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
+                               num_hidden_layers=3, num_attention_heads=4),
+            projection_dim=64,
+        )
+        return {"clip": CLIPModel(config)}
+
+    def loss(self, modules, rng):
+        images, prompts, rendered = sample_batch(self.batch, rng)
+        negatives = [corrupt(r.scene.spec, rng).text for r in rendered]
+        model = modules["clip"]
+        out = model(input_ids=_tokenize(self.tokenizer, prompts + negatives), pixel_values=clip_normalize(images))
+        logits = out.logits_per_image  # [B, 2B]: the true captions, then one hard negative per image
+        target = torch.arange(self.batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : self.batch].T, target)) / 2
+        own = logits.diagonal()
+        negative = logits[target, target + self.batch]
+        return loss, {"swap_acc": (own > negative).float().mean().item()}
+
+    def export(self, modules, zoo: Path) -> None:
+        out = zoo / self.name
+        export_fp16(modules["clip"], out)
+        self.tokenizer.save_pretrained(out)
+        CLIPImageProcessor(
+            size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}, image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD), resample=3,
+        ).save_pretrained(out)
+
+
+class VaeRecipe:
+    """AutoencoderKL with 4x downsampling (64x64x3 -> 16x16x4); no mid-block attention keeps it cheap."""
+
+    name, requires, steps, lr, ema, batch = "vae", (), 3000, 1e-3, 0.0, 16
+    kl_weight = 1e-6
+
+    def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            sample_size=SIZE, mid_block_add_attention=False,
+        )
+        return {"vae": vae}
+
+    def loss(self, modules, rng):
+        images, _, _ = sample_batch(self.batch, rng)
+        x = images * 2 - 1
+        posterior = modules["vae"].encode(x).latent_dist
+        recon = modules["vae"].decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + F.l1_loss(recon, x) + self.kl_weight * posterior.kl().mean()
+        return loss, {"mse": mse.item()}
+
+    def export(self, modules, zoo: Path) -> None:
+        vae = modules["vae"]
+        with torch.no_grad():  # SD scales latents to unit variance; measure it on fresh scenes
+            images, _, _ = sample_batch(256, np.random.default_rng(12345))
+            std = vae.encode(images * 2 - 1).latent_dist.mean.std().item()
+        vae.register_to_config(scaling_factor=1.0 / std)
+        export_fp16(vae, zoo / self.name)
+
+
+def toy_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                         prediction_type="epsilon")
+
+
+class UnetRecipe:
+    """The denoiser, trained on latents of the frozen VAE with the frozen CLIP text tower, 10% prompt
+    dropout for classifier-free guidance and an EMA copy; exported as the full ``t2i`` pipeline."""
+
+    name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 12000, 5e-4, 0.995, 32
+    prompt_dropout = 0.1
+
+    def __init__(self) -> None:
+        self.tokenizer = toy_tokenizer()
+
+    def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
+        self.vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32).requires_grad_(False).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(zoo / "clip", dtype=torch.float32).requires_grad_(False).eval()
+        self.scheduler = toy_scheduler()
+        unet = UNet2DConditionModel(
+            sample_size=SIZE // 4, block_out_channels=(32, 64, 128), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=16,
+        )
+        return {"unet": unet}
+
+    def loss(self, modules, rng):
+        images, prompts, _ = sample_batch(self.batch, rng)
+        prompts = ["" if rng.random() < self.prompt_dropout else p for p in prompts]
+        with torch.no_grad():
+            latents = self.vae.encode(images * 2 - 1).latent_dist.sample() * self.vae.config.scaling_factor
+            context = self.text_encoder(_tokenize(self.tokenizer, prompts)).last_hidden_state
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch,))
+        pred = modules["unet"](self.scheduler.add_noise(latents, noise, t), t, context).sample
+        return F.mse_loss(pred, noise), {}
+
+    def export(self, modules, zoo: Path) -> None:
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
+
+
+RECIPES = {r.name: r for r in (ClipRecipe, VaeRecipe, UnetRecipe)}
