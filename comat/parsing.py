@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from comat.errors import ComatError
+from comat.models.tokenizer import bytes_to_unicode
 
 if TYPE_CHECKING:  # spaCy is imported lazily: importing comat.parsing stays cheap
     import spacy
@@ -207,20 +208,7 @@ def load_spacy(name: str = "en_core_web_sm", *, exclude: Sequence[str] = ("ner",
 # ------------------------------------------------------------------------------- token alignment
 
 
-def _byte_decoder() -> dict[str, int]:
-    # GPT-2 / CLIP byte-level table: printable unicode char -> byte.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = _byte_decoder()
+_BYTE_DECODER = {ch: b for b, ch in bytes_to_unicode().items()}
 _PIECE_MARKERS = ("</w>", "##", "▁")
 
 
