@@ -1,0 +1,133 @@
+"""The CoMat training configuration and its presets (paper Table 8 for ``sd15`` / ``sdxl``; ``toy`` for a CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from comat.config import load_config
+from comat.errors import ComatError
+from comat.models.t2i import ATTENTION_PROJECTIONS
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+CAPTIONER_KINDS = ("blip", "git", "llava", "none")
+DISCRIMINATOR_KINDS = ("none", "unet-generated", "unet-real", "dino-image")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: int = 128
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS
+
+
+@dataclasses.dataclass
+class CaptionerConfig:
+    """Concept activation: ``L_i2t = -log p_C(prompt | image)`` from a frozen captioner."""
+
+    kind: str = "blip"  # blip | git | llava | none
+    model: str = "Salesforce/blip-image-captioning-large"
+    prefix: str = "a photography of "
+    reduction: Literal["sum", "mean"] = "sum"  # sum: the paper's eq. 2; mean with label_smoothing=0.1: official code
+    label_smoothing: float = 0.0
+    jitter: int = 2
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class DiscriminatorConfig:
+    """Fidelity preservation: a latent discriminator initialised from the pretrained (SD1.5) UNet."""
+
+    kind: str = "unet-generated"  # none | unet-generated | unet-real | dino-image
+    model: str | None = None  # UNet to initialise D from; None: the base model's UNet
+    feature_model: str | None = None  # dino-image: the DINOv2 feature network
+    weight: float = 1.0  # lambda: 1 for SD1.5, 0.5 for SDXL
+    lora_rank: int = 128
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.0, 0.999)
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class MixedLatentConfig:
+    """Denoise noisy ground-truth latents of an image-caption set and score them with the captioner too."""
+
+    enabled: bool = False
+    data: str = "coco"  # coco (a directory of images + captions.jsonl) | toy
+    batch: int = 2
+    tau_min: int = 400
+    tau_max: int = 700
+
+
+@dataclasses.dataclass
+class AttributeConcentrationConfig:
+    enabled: bool = True
+    detector: str = "IDEA-Research/grounding-dino-tiny"
+    sam: str = "sam_vit_b_01ec64.safetensors"
+    sam_type: str = "vit_b"
+    spacy_model: str = "en_core_web_sm"
+    blocks: tuple[str, ...] = ("mid", "up")
+    steps: int = 2  # r: how many of the K grad steps capture attention
+    alpha: float = 1e-3
+    beta: float = 5e-5
+    variant: Literal["paper", "official"] = "paper"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "toy"
+    prompts: str | None = None  # text file, one prompt per line; None: the preset's prompt set
+    steps: int = 2000
+    batch: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    grad_clip: float = 0.1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    resolution: int = 512
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sample_steps: int = 50
+    guidance: float = 7.5
+    grad_steps: int = 5  # K
+    stop_grad: bool = True
+    vae_checkpointing: bool = False
+    seed: int = 0
+    ckpt_every: int = 200
+    sample_every: int = 200
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    captioner: CaptionerConfig = dataclasses.field(default_factory=CaptionerConfig)
+    discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)
+    mixed_latent: MixedLatentConfig = dataclasses.field(default_factory=MixedLatentConfig)
+    attribute_concentration: AttributeConcentrationConfig = dataclasses.field(
+        default_factory=AttributeConcentrationConfig
+    )
+
+    def validate(self) -> "TrainConfig":
+        if self.captioner.kind not in CAPTIONER_KINDS:
+            raise ComatError(f"captioner.kind '{self.captioner.kind}' does not exist; choose one of {', '.join(CAPTIONER_KINDS)}")
+        if self.discriminator.kind not in DISCRIMINATOR_KINDS:
+            raise ComatError(
+                f"discriminator.kind '{self.discriminator.kind}' does not exist; choose one of {', '.join(DISCRIMINATOR_KINDS)}"
+            )
+        if not 0 < self.grad_steps <= self.sample_steps:
+            raise ComatError(f"grad_steps={self.grad_steps} must be between 1 and sample_steps={self.sample_steps}")
+        if self.attribute_concentration.steps > self.grad_steps:
+            raise ComatError(
+                f"attribute_concentration.steps={self.attribute_concentration.steps} exceeds grad_steps={self.grad_steps}"
+            )
+        return self
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_train_config(preset: str | None, config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """Preset < config file < overrides."""
+    base = TrainConfig()
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ComatError(f"preset '{preset}' does not exist; choose one of {', '.join(presets())}")
+        base = load_config(TrainConfig, path)
+    return load_config(TrainConfig, config, overrides, base=base).validate()
