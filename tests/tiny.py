@@ -59,3 +59,67 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
         scheduler=DDPMScheduler(num_train_timesteps=1000),
     )
+
+
+# --- judges for training tests (shared with test_captioners / test_segmenter builds) -------------------------------
+
+TINY_SAM = {
+    "img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "out_chans": 32, "window_size": 4,
+    "global_attn_indexes": [1], "mask_in_chans": 4, "decoder_depth": 1, "decoder_mlp_dim": 64, "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+
+
+def save_tiny_blip(path, words: list[str], size: int = 32, seed: int = 0):
+    """A random BLIP captioner (vocabulary ``words``) saved with its processor, loadable by ``load_captioner``."""
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    from comat.models.tokenizer import word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(words, path / "vocab")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size,
+                  patch_size=8)
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
+    )
+    BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text, projection_dim=32)).save_pretrained(path)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    BlipProcessor(image_processor, tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_grounding_dino(path, words: list[str], seed: int = 0):
+    """A random GroundingDINO (64 px, vocabulary ``words``) saved with its processor, loadable by ``load_segmenter``."""
+    from transformers import (
+        BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
+        GroundingDinoProcessor, SwinConfig,
+    )
+
+    from comat.models.tokenizer import word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(words, path / "vocab")
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                                   window_size=4, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64),
+        d_model=32, num_queries=8, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=1, decoder_n_points=1, max_text_len=32,
+    )
+    GroundingDinoForObjectDetection(config).save_pretrained(path)
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_sam(path, seed: int = 0):
+    """A random custom SAM (64 px) saved for ``load_sam(path, "custom")``."""
+    from comat.models.segmenter import build_custom_sam, save_sam
+
+    torch.manual_seed(seed)
+    return save_sam(build_custom_sam(TINY_SAM), path, TINY_SAM)
