@@ -140,14 +140,15 @@ def _shape_mask(o: ObjectSpec) -> tuple[np.ndarray, tuple[slice, slice]]:
 
 
 def _texture_mask(o: ObjectSpec, win: tuple[slice, slice]) -> np.ndarray | None:
-    # Anchored at the object's centre pixel (integer offsets) so a texture rasterises identically
-    # wherever the object sits: 3 px diagonal stripes, or 2x2 dots on a 5 px grid.
+    # Anchored to the image grid with a 4 px period, the VAE's downsampling factor: every 4x4 latent
+    # cell of a textured object then holds the same pattern, which a 4-channel latent can carry. With
+    # object-anchored or off-period patterns the stripe phase varies per cell and the VAE blurs it away.
     if o.texture == "plain":
         return None
-    dx, dy = _IX[win] - round(o.cx), _IY[win] - round(o.cy)
+    x, y = _IX[win], _IY[win]
     if o.texture == "striped":
-        return (dx + dy) // 3 % 2 == 1
-    return (dx % 5 < 2) & (dy % 5 < 2)
+        return (x + y) % 4 < 2  # diagonal stripes, 2 px bands
+    return (x % 4 // 2 == 0) & (y % 4 // 2 == 0)  # 2x2 dots on a 4 px grid
 
 
 def full_mask(o: ObjectSpec) -> np.ndarray:
