@@ -140,15 +140,15 @@ def _shape_mask(o: ObjectSpec) -> tuple[np.ndarray, tuple[slice, slice]]:
 
 
 def _texture_mask(o: ObjectSpec, win: tuple[slice, slice]) -> np.ndarray | None:
-    # Anchored to the image grid with a 4 px period, the VAE's downsampling factor: every 4x4 latent
-    # cell of a textured object then holds the same pattern, which a 4-channel latent can carry. With
-    # object-anchored or off-period patterns the stripe phase varies per cell and the VAE blurs it away.
+    # Whole 4x4 cells of the image grid (the VAE downsamples by 4): a decoder is translation-equivariant,
+    # so it cannot paint a pattern finer than a latent cell onto a uniform latent region. Patterns of
+    # whole cells are just per-cell colours, which the latent carries like any other edge.
     if o.texture == "plain":
         return None
-    x, y = _IX[win], _IY[win]
+    x, y = _IX[win] // 4, _IY[win] // 4
     if o.texture == "striped":
-        return (x + y) % 4 < 2  # diagonal stripes, 2 px bands
-    return (x % 4 // 2 == 0) & (y % 4 // 2 == 0)  # 2x2 dots on a 4 px grid
+        return y % 2 == 1  # horizontal bands, 4 px
+    return (x % 2 == 1) & (y % 2 == 1)  # 4x4 dots on an 8 px grid
 
 
 def full_mask(o: ObjectSpec) -> np.ndarray:
