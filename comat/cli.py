@@ -189,7 +189,7 @@ def toy_pretrain(
     """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
     from comat.models.hub import TOY_ZOO
     from comat.toy.pretrain import PretrainConfig, train_recipe
-    from comat.toy.recipes import RECIPES
+    from comat.toy.registry import RECIPES
 
     if only is not None and only not in RECIPES:
         raise ComatError(f"unknown toy model '{only}'; the zoo has {', '.join(RECIPES)}")

@@ -21,15 +21,6 @@ SD_CROSS = {  # every attn2 of the tiny SD UNet (down 16x16, mid 8x8, up 16x16)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two cores shared with other jobs spin against each other (60x slower UNet calls here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sd_unet():
     return tiny_sd_pipeline().unet

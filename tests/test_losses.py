@@ -30,15 +30,6 @@ log = math.log
 A = torch.tensor([[[0.6, 0.2, 0.2], [0.2, 0.6, 0.2]], [[0.4, 0.4, 0.2], [0.2, 0.2, 0.6]]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two cores shared with other jobs spin against each other (60x slower UNet calls here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mask(*pixels, size=2):
     m = torch.zeros(size, size, dtype=torch.bool)
     for p in pixels:

@@ -33,15 +33,6 @@ def sdxl(tiny_sdxl_dir):
     return load_t2i(tiny_sdxl_dir)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on two cores shared with other jobs spin against each other (60x slower UNet calls here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

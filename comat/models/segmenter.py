@@ -434,7 +434,7 @@ def load_segmenter(
             "or a hub id such as IDEA-Research/grounding-dino-tiny"
         )
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(det_dir, use_safetensors=True)
+        model = GroundingDinoForObjectDetection.from_pretrained(det_dir, use_safetensors=True, dtype=torch.float32)
     except OSError as e:
         raise ComatError(
             f"GroundingDINO in '{det_dir}' could not be loaded from safetensors ({str(e).splitlines()[0]}); "

@@ -185,4 +185,3 @@ class UnetRecipe:
         pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
 
 
-RECIPES = {r.name: r for r in (ClipRecipe, VaeRecipe, UnetRecipe)}

@@ -1,0 +1,1 @@
+"""Judges: the models benchmarks use to score generated images."""
