@@ -54,8 +54,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in modules.items():
+        # clone(): tied weights (e.g. BLIP's decoder embeddings) share storage, which safetensors refuses.
         state = {
-            k: v.detach().contiguous().cpu()
+            k: v.detach().cpu().clone()
             for k, v in module.state_dict().items()
             if not trainable_only or _is_trainable(module, k)
         }
