@@ -76,7 +76,7 @@ def test_exported_captioner_scores_what_the_recipe_trains(kind, trained_once):
     model = modules[kind].half().float()
     ids, mask, targets = caption_batch(recipe.tokenizer, prompts, *recipe._ids())
     with torch.no_grad():
-        logits = recipe._logits(model, captioner.preprocess(images), ids, mask)
+        logits, _ = recipe._forward(model, captioner.preprocess(images), ids, mask)
     logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].clamp_min(0))[..., 0]
     scored = (targets[:, 1:] != -100) & (torch.arange(ids.shape[1] - 1) >= 3)  # tokens after [bos] a photography of
     expected = (logp * scored).sum(1)

@@ -37,7 +37,7 @@ from comat.models.captioners import DEFAULT_PREFIX, IGNORE_INDEX, token_log_prob
 from comat.models.tokenizer import word_tokenizer
 from comat.toy.pretrain import export_fp16
 from comat.toy.prompts import (
-    CATEGORIES, COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Mention, prompt_specs, random_spec,
+    CATEGORIES, COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec, prompt_specs, random_spec,
 )
 from comat.toy.quality import scene_questions
 from comat.toy.recipes import CLIP_MEAN, CLIP_STD, clip_normalize, corrupt
@@ -129,6 +129,46 @@ class ObjectAttributeHead(torch.nn.Module):
         return loss, (logits[0].argmax(-1) == labels[:, 0]).float().mean().item()
 
 
+def _mention_words(spec: PromptSpec) -> list[tuple[int, bool]]:
+    """Per prompt word: (mention index or -1, whether it is the mention's article)."""
+    out: list[tuple[int, bool]] = []
+    i = 0
+    while i < len(spec.mentions):
+        if out:
+            out.append((-1, False))  # "and"
+        group = [i, i + 1] if spec.relation and spec.relation[1] == i else [i]
+        for k, j in enumerate(group):
+            if k:
+                out += [(-1, False)] * len(spec.relation[0].split())
+            n = len(spec.mentions[j].text.split())
+            out += [(j, True)] + [(j, False)] * (n - 1)
+        i += len(group)
+    return out
+
+
+def attention_targets(rendered: Sequence[RenderedScene], length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a caption's cross-attention should look: at a position whose input word and next word both belong to
+    one mention past its article ("red" before "circle"), the mention's objects, as patch weights ``[B, T, P]``,
+    and the mask of such positions ``[B, T]``. ``offset``: token position of the prompt's first word."""
+    g = SIZE // PATCH
+    weights = torch.zeros(len(rendered), length, g * g)
+    used = torch.zeros(len(rendered), length, dtype=torch.bool)
+    for b, r in enumerate(rendered):
+        words = _mention_words(r.scene.spec)
+        for w, ((j, article), (j_next, _)) in enumerate(zip(words, words[1:])):
+            # Before its first attribute, which object a mention names is not decided yet: no target there.
+            if j < 0 or article or j != j_next or offset + w >= length:
+                continue
+            union = np.zeros((SIZE, SIZE), bool)
+            for k in r.scene.objects_of(j):
+                union |= r.masks[k]
+            cover = union.reshape(g, PATCH, g, PATCH).sum((1, 3)).reshape(-1).astype(np.float32)
+            if cover.sum() > 0:
+                weights[b, offset + w] = torch.from_numpy(cover / cover.sum())
+                used[b, offset + w] = True
+    return weights, used
+
+
 def _vision(hidden: int, layers: int) -> dict:
     # BLIP's default vision init (1e-10) leaves the position embeddings at zero; 0.02 learns faster from scratch.
     return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -184,6 +224,7 @@ class _CaptionerRecipe:
     text_layers: int
     negative_weight = 1.0
     aux_weight = 1.0
+    attention_weight = 1.0
     open_prompts = True
 
     def __init__(self) -> None:
@@ -201,8 +242,10 @@ class _CaptionerRecipe:
     def _vision(self, model) -> torch.nn.Module:
         raise NotImplementedError
 
-    def _logits(self, model, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Text logits ``[k * B, T, V]`` for ``k`` captions per image (rows ``j * B + i`` belong to image ``i``)."""
+    def _forward(self, model, pixel_values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 attend: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text logits ``[k * B, T, V]`` for ``k`` captions per image (rows ``j * B + i`` belong to image ``i``) and,
+        with ``attend``, the last layer's head-mean attention of each text position over the patches ``[k * B, T, P]``."""
         raise NotImplementedError
 
     def loss(self, modules, rng):
@@ -213,7 +256,7 @@ class _CaptionerRecipe:
         model, seen = modules[self.name], []
         hook = self._vision(model).register_forward_hook(lambda m, i, out: seen.append(out.last_hidden_state))
         try:
-            logits = self._logits(model, clip_normalize(augment(images, rng)), ids, mask)
+            logits, attention = self._forward(model, clip_normalize(augment(images, rng)), ids, mask, self.attention_weight > 0)
         finally:
             hook.remove()
         n = len(prompts)
@@ -222,7 +265,14 @@ class _CaptionerRecipe:
         margin = (logp[:n] - logp[n:])[torch.tensor([a != b for a, b in zip(prompts, negatives)])]
         aux, aux_acc = modules["aux"].loss(seen[0][:, 1:], rendered)
         loss = loss + self.negative_weight * F.softplus(-margin).mean() + self.aux_weight * aux
-        return loss, {"token_acc": acc, "swap_acc": (margin > 0).float().mean().item(), "object_shape_acc": aux_acc}
+        logs = {"token_acc": acc, "swap_acc": (margin > 0).float().mean().item(), "object_shape_acc": aux_acc}
+        if attention is not None:
+            where, used = attention_targets(rendered, ids.shape[1], 1 + len(DEFAULT_PREFIX.split()))
+            if used.any():
+                att = -(where * attention[:n].clamp_min(1e-6).log()).sum(-1)[used].mean()
+                loss = loss + self.attention_weight * att
+                logs["attention_ce"] = att.item()
+        return loss, logs
 
 
 class BlipCaptionerRecipe(_CaptionerRecipe):
@@ -243,11 +293,13 @@ class BlipCaptionerRecipe(_CaptionerRecipe):
     def _ids(self) -> tuple[int, int]:
         return self.tokenizer.convert_tokens_to_ids("[DEC]"), self.tokenizer.sep_token_id
 
-    def _logits(self, model, pixel_values, ids, mask):
+    def _forward(self, model, pixel_values, ids, mask, attend=False):
         # The ViT runs once per image; BlipForConditionalGeneration.forward would rerun it per caption.
         image_embeds = model.vision_model(pixel_values).last_hidden_state
         image_embeds = image_embeds.repeat(len(ids) // len(image_embeds), 1, 1)
-        return model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds).logits
+        out = model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                 output_attentions=attend)
+        return out.logits, out.cross_attentions[-1].mean(1)[..., 1:] if attend else None
 
     def export(self, modules, zoo: Path) -> None:
         export_fp16(modules[self.name], zoo / self.name)
@@ -276,10 +328,15 @@ class GitCaptionerRecipe(_CaptionerRecipe):
     def _ids(self) -> tuple[int, int]:
         return self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
 
-    def _logits(self, model, pixel_values, ids, mask):
+    def _forward(self, model, pixel_values, ids, mask, attend=False):
         # GitModel repeats the image tokens over the k captions of each image itself.
-        logits = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits
-        return logits[:, logits.shape[1] - ids.shape[1] :]  # drop the image positions
+        out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, output_attentions=attend)
+        n_img = out.logits.shape[1] - ids.shape[1]
+        attention = None
+        if attend:  # text rows, patch columns (not CLS), renormalised: where among the patches it looks
+            attention = out.attentions[-1].mean(1)[:, n_img:, 1:n_img]
+            attention = attention / attention.sum(-1, keepdim=True).clamp_min(1e-9)
+        return out.logits[:, n_img:], attention
 
     def export(self, modules, zoo: Path) -> None:
         export_fp16(modules[self.name], zoo / self.name)
