@@ -17,7 +17,7 @@ from comat.toy.quality import (
     ATTRIBUTE_KINDS, KIND_WEIGHTS, YES_NO_KINDS, _eval_scenes, captioner_swap_accuracy, random_question,
     scene_questions, vqa_accuracy,
 )
-from comat.toy.recipes_text import TEXT_RECIPES, caption_batch
+from comat.toy.recipes_text import PATCH, TEXT_RECIPES, attention_targets, caption_batch
 from comat.toy.world import RGB, ObjectSpec, Scene, render
 
 PARAMETER_LIMIT = 1_500_000
@@ -127,7 +127,7 @@ def test_vqa_judge_rejects_a_captioner(trained_once):
 
 def _scene() -> Scene:
     spec = parse_prompt("a big striped red circle and a small blue square and a small red triangle")
-    objs = [("circle", "red", "striped", "big", 16), ("square", "blue", "plain", "small", 48), ("triangle", "red", "plain", "small", 32)]
+    objs = [("circle", "red", "striped", "big", 14), ("square", "blue", "plain", "small", 52), ("triangle", "red", "plain", "small", 34)]
     return Scene(tuple(ObjectSpec(s, c, t, z, x, 32.0, 22.0 if z == "big" else 13.0, RGB[c], i)
                        for i, (s, c, t, z, x) in enumerate(objs)), None, spec)
 
@@ -183,6 +183,12 @@ def test_questions_have_the_right_answers_and_balanced_yes_no():
     negatives = {q.text for q in qs if q.kind == "phrase" and q.answer == "no"}
     assert "a blue circle?" in negatives or "a red square?" in negatives  # binding errors are asked
     assert all("cross" not in q.text for q in qs if q.answer == "yes")
+    for q in qs:  # the referring words name exactly the referred objects
+        words = q.text.rstrip("?").split()[q.span[0] : q.span[1]]
+        if q.refers and q.kind in ("phrase", "exists") and q.answer == "yes":
+            assert _truth(" ".join(words) + "?", [objs[k] for k in q.refers]) == "yes"
+        if q.kind in ("verify", "color", "shape", "texture", "size"):
+            assert words[0] == "the" and len(q.refers) == 1
     assert any(q.text.startswith("two red") for q in qs)  # exact counts: "two red ...?"
 
 
@@ -194,6 +200,18 @@ def test_hand_made_questions():
     assert counts["how many triangles are there?"] == "1"
     assert counts["how many red objects are there?"] == "2"
     assert counts.get("how many crosses are there?", "0") == "0"
+
+
+def test_attention_targets_point_at_the_mentioned_object():
+    scene = _scene()
+    rendered = render(scene)
+    weights, used = attention_targets([rendered], 20, 4)
+    # "a big striped red circle and a small blue square and a small red triangle" after [DEC] a photography of
+    assert used[0].nonzero().flatten().tolist() == [5, 6, 7, 11, 12, 16, 17]
+    g = 64 // PATCH
+    for pos, obj in ((6, 0), (11, 1), (16, 2)):
+        cover = rendered.masks[obj].reshape(g, PATCH, g, PATCH).sum((1, 3)).reshape(-1)
+        torch.testing.assert_close(weights[0, pos], torch.from_numpy(cover / cover.sum()).float())
 
 
 # ---------------------------------------------------------------------------------------------

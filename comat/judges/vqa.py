@@ -41,13 +41,18 @@ def encode_questions(tokenizer, questions: Sequence[str]) -> tuple[Tensor, Tenso
     return input_ids, enc.attention_mask
 
 
-def question_states(model, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The question encoder's output, cross-attending to the image."""
+def question_states(model, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    return_attention: bool = False):
+    """The question encoder's output, cross-attending to the image; with ``return_attention`` also its last
+    layer's cross-attention (head mean, ``[B, T, image tokens]``)."""
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return model.text_encoder(
+    out = model.text_encoder(
         input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
-    ).last_hidden_state
+        encoder_attention_mask=image_mask, output_attentions=return_attention,
+    )
+    if return_attention:
+        return out.last_hidden_state, out.cross_attentions[-1].mean(1)
+    return out.last_hidden_state
 
 
 def answer_logits(model, states: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor,

@@ -36,9 +36,14 @@ SWAP_CATEGORIES = ("color", "shape", "texture", "complex")
 
 @dataclass(frozen=True)
 class Question:
+    """``refers``: the objects the words ``span`` (word indices, end exclusive) of the question are about (for a
+    false phrase, the object it misdescribes); training uses them to tell the judge where to look."""
+
     text: str
     answer: str
     kind: str
+    refers: tuple[int, ...] = ()
+    span: tuple[int, int] = (0, 0)
 
     @property
     def yes_no(self) -> bool:
@@ -53,8 +58,12 @@ def _attrs(scene: Scene) -> list[dict[str, str]]:
     return [o.attributes for o in scene.objects]
 
 
+def _matching(m: Mention, objs: list[dict[str, str]]) -> tuple[int, ...]:
+    return tuple(i for i, o in enumerate(objs) if all(getattr(m, k) in (None, o[k]) for k in _ORDER))
+
+
 def _n_matching(m: Mention, objs: list[dict[str, str]]) -> int:
-    return sum(all(getattr(m, k) in (None, o[k]) for k in _ORDER) for o in objs)
+    return len(_matching(m, objs))
 
 
 def _phrase_for(o: dict[str, str], rng: np.random.Generator) -> Mention:
@@ -70,28 +79,31 @@ def _wrong_value(kind: str, current: str, objs: list[dict[str, str]], rng: np.ra
     return _pick(rng, [v for v in VALUES[kind] if v != current])
 
 
-def _phrase(objs: list[dict[str, str]], rng: np.random.Generator, yes: bool) -> Mention | None:
-    """A noun phrase that is true (``yes``) or false of the scene."""
-    o = _pick(rng, objs)
+def _phrase(objs: list[dict[str, str]], rng: np.random.Generator, yes: bool) -> tuple[Mention, tuple[int, ...]] | None:
+    """A noun phrase that is true (``yes``) or false of the scene, and the objects it is about: those it
+    matches, for a false phrase the objects it was made from (none for an absent shape)."""
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
     if rng.random() < 0.2:  # plural: exact counts
         m = Mention(o["shape"], o["color"] if rng.random() < 0.5 else None)
-        n = _n_matching(m, objs)
+        about = _matching(m, objs)
         if not yes:
-            return dataclasses.replace(m, count=_pick(rng, [c for c in (2, 3) if c != n]))
-        if n >= 2:
-            return dataclasses.replace(m, count=n)
+            return dataclasses.replace(m, count=_pick(rng, [c for c in (2, 3) if c != len(about)])), about
+        if len(about) >= 2:
+            return dataclasses.replace(m, count=len(about)), about
     if yes:
-        return _phrase_for(o, rng)
+        m = _phrase_for(o, rng)
+        return m, _matching(m, objs)
     if rng.random() < 0.25:
         absent = [s for s in SHAPES if all(x["shape"] != s for x in objs)]
-        return Mention(_pick(rng, absent), _pick(rng, COLORS) if rng.random() < 0.6 else None)
+        return Mention(_pick(rng, absent), _pick(rng, COLORS) if rng.random() < 0.6 else None), ()
     for _ in range(20):
         m = _phrase_for(o, rng)
         stated = [k for k in _ORDER if getattr(m, k)]
         kind = _pick(rng, stated)
         m = dataclasses.replace(m, **{kind: _wrong_value(kind, getattr(m, kind), objs, rng)})
         if _n_matching(m, objs) == 0:
-            return m
+            return m, (i,)
     return None
 
 
@@ -116,11 +128,13 @@ def random_question(scene: Scene, rng: np.random.Generator, kind: str) -> Questi
     objs = _attrs(scene)
     if kind in ("phrase", "exists"):
         yes = bool(rng.random() < 0.5)
-        m = _phrase(objs, rng, yes)
-        if m is None:
+        found = _phrase(objs, rng, yes)
+        if found is None:
             return None
+        m, about = found
+        start = 0 if kind == "phrase" else 2
         text = f"{m.text}?" if kind == "phrase" else f"{'is' if m.count == 1 else 'are'} there {m.text}?"
-        return Question(text, "yes" if yes else "no", kind)
+        return Question(text, "yes" if yes else "no", kind, about, (start, start + len(m.text.split())))
     i = int(rng.integers(len(objs)))
     if kind == "verify":
         attr = _pick(rng, ("color", "color", "color", "texture", "size"))
@@ -129,19 +143,22 @@ def random_question(scene: Scene, rng: np.random.Generator, kind: str) -> Questi
             return None
         yes = bool(rng.random() < 0.5)
         value = objs[i][attr] if yes else _wrong_value(attr, objs[i][attr], objs, rng)
-        return Question(f"is {ref} {value}?", "yes" if yes else "no", kind)
+        return Question(f"is {ref} {value}?", "yes" if yes else "no", kind, (i,), (1, 1 + len(ref.split())))
     if kind in ("color", "shape", "texture", "size"):
         ref = _referent(objs, i, kind, rng)
-        return None if ref is None else Question(f"what {kind} is {ref}?", objs[i][kind], kind)
+        if ref is None:
+            return None
+        return Question(f"what {kind} is {ref}?", objs[i][kind], kind, (i,), (3, 3 + len(ref.split())))
     if kind == "count":
         r = rng.random()
         if r < 0.15:
             color = _pick(rng, COLORS)
-            n = sum(o["color"] == color for o in objs)
-            return Question(f"how many {color} objects are there?", str(n), kind)
+            refers = tuple(k for k, o in enumerate(objs) if o["color"] == color)
+            return Question(f"how many {color} objects are there?", str(len(refers)), kind, refers, (2, 4))
         shape = _pick(rng, SHAPES) if r < 0.35 else objs[i]["shape"]
         plural = Mention(shape, count=2).text.split()[-1]
-        return Question(f"how many {plural} are there?", str(sum(o["shape"] == shape for o in objs)), kind)
+        refers = tuple(k for k, o in enumerate(objs) if o["shape"] == shape)
+        return Question(f"how many {plural} are there?", str(len(refers)), kind, refers, (2, 3))
     raise ValueError(f"unknown question kind {kind!r}")
 
 

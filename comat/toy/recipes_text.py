@@ -150,8 +150,7 @@ def attention_targets(rendered: Sequence[RenderedScene], length: int, offset: in
     """Where a caption's cross-attention should look: at a position whose input word and next word both belong to
     one mention past its article ("red" before "circle"), the mention's objects, as patch weights ``[B, T, P]``,
     and the mask of such positions ``[B, T]``. ``offset``: token position of the prompt's first word."""
-    g = SIZE // PATCH
-    weights = torch.zeros(len(rendered), length, g * g)
+    weights = torch.zeros(len(rendered), length, (SIZE // PATCH) ** 2)
     used = torch.zeros(len(rendered), length, dtype=torch.bool)
     for b, r in enumerate(rendered):
         words = _mention_words(r.scene.spec)
@@ -159,14 +158,29 @@ def attention_targets(rendered: Sequence[RenderedScene], length: int, offset: in
             # Before its first attribute, which object a mention names is not decided yet: no target there.
             if j < 0 or article or j != j_next or offset + w >= length:
                 continue
-            union = np.zeros((SIZE, SIZE), bool)
-            for k in r.scene.objects_of(j):
-                union |= r.masks[k]
-            cover = union.reshape(g, PATCH, g, PATCH).sum((1, 3)).reshape(-1).astype(np.float32)
-            if cover.sum() > 0:
-                weights[b, offset + w] = torch.from_numpy(cover / cover.sum())
-                used[b, offset + w] = True
+            cover = _cover(r, r.scene.objects_of(j))
+            if cover is not None:
+                weights[b, offset + w], used[b, offset + w] = cover, True
     return weights, used
+
+
+def _cover(r: RenderedScene, objects: Sequence[int]) -> torch.Tensor | None:
+    """The visible pixels of ``objects`` per ViT patch, summing to 1 (None when nothing is visible)."""
+    g = SIZE // PATCH
+    union = np.zeros((SIZE, SIZE), bool)
+    for k in objects:
+        union |= r.masks[k]
+    cover = union.reshape(g, PATCH, g, PATCH).sum((1, 3)).reshape(-1).astype(np.float32)
+    return torch.from_numpy(cover / cover.sum()) if cover.sum() > 0 else None
+
+
+def _attention_loss(attention: torch.Tensor, where: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the attention over patches ``[B, T, P]`` against the target patches at the used positions.
+
+    Teaching the decoder where a mention's object is, instead of leaving it to find that out from the caption
+    loss, is what makes the captioners bind attributes within the CPU budget (pilot, BLIP: swap accuracy 0.55
+    after 900 steps without it, 0.93 with it)."""
+    return -(where * attention.clamp_min(1e-6).log()).sum(-1)[used].mean()
 
 
 def _vision(hidden: int, layers: int) -> dict:
@@ -269,7 +283,7 @@ class _CaptionerRecipe:
         if attention is not None:
             where, used = attention_targets(rendered, ids.shape[1], 1 + len(DEFAULT_PREFIX.split()))
             if used.any():
-                att = -(where * attention[:n].clamp_min(1e-6).log()).sum(-1)[used].mean()
+                att = _attention_loss(attention[:n], where, used)
                 loss = loss + self.attention_weight * att
                 logs["attention_ce"] = att.item()
         return loss, logs
@@ -353,6 +367,7 @@ class VqaRecipe:
     name, requires, steps, lr, ema, batch, per_image = "vqa", (), 3000, 1e-3, 0.99, 32, 4
     hidden, vision_layers, text_layers = 96, 3, 2
     aux_weight = 1.0
+    attention_weight = 1.0
 
     def __init__(self) -> None:
         self.tokenizer = toy_word_tokenizer()
@@ -369,7 +384,8 @@ class VqaRecipe:
         questions = [q for r in rendered for q in scene_questions(r.scene, rng, self.per_image)]
         image_embeds = model.vision_model(clip_normalize(augment(images, rng))).last_hidden_state
         ids, mask = encode_questions(tok, [q.text for q in questions])
-        states = question_states(model, image_embeds.repeat_interleave(self.per_image, 0), ids, mask)
+        states, attention = question_states(model, image_embeds.repeat_interleave(self.per_image, 0), ids, mask,
+                                            return_attention=True)
         # Every answer is one word: [DEC] answer [SEP].
         answers = torch.tensor(tok.convert_tokens_to_ids([q.answer for q in questions]))
         dec = torch.stack([torch.full_like(answers, model.config.text_config.bos_token_id), answers,
@@ -377,11 +393,23 @@ class VqaRecipe:
         logits = answer_logits(model, states, mask, dec)
         loss, _ = _next_token_loss(logits, dec)
         aux, aux_acc = modules["aux"].loss(image_embeds[:, 1:], rendered)
+        loss = loss + self.aux_weight * aux
+        # Where the question's referring words should look (the question encoder cross-attends to the image);
+        # word w of the question is token 1 + w, after [ENC].
+        where = torch.zeros(len(questions), ids.shape[1], (SIZE // PATCH) ** 2)
+        used = torch.zeros(len(questions), ids.shape[1], dtype=torch.bool)
+        for k, q in enumerate(questions):
+            cover = _cover(rendered[k // self.per_image], q.refers) if q.refers else None
+            if cover is not None:
+                where[k, 1 + q.span[0] : 1 + q.span[1]], used[k, 1 + q.span[0] : 1 + q.span[1]] = cover, True
+        logs = {}
+        if used.any():
+            att = _attention_loss(attention[..., 1:], where, used)
+            loss, logs["attention_ce"] = loss + self.attention_weight * att, att.item()
         first = logits[:, 0].argmax(-1) == answers  # causal: position 0 is what the judge reads
         yes_no = torch.tensor([q.yes_no for q in questions])
-        return loss + self.aux_weight * aux, {"yes_no_acc": first[yes_no].float().mean().item(),
-                                              "attr_acc": first[~yes_no].float().mean().item(),
-                                              "object_shape_acc": aux_acc}
+        return loss, {"yes_no_acc": first[yes_no].float().mean().item(), "attr_acc": first[~yes_no].float().mean().item(),
+                      "object_shape_acc": aux_acc, **logs}
 
     def export(self, modules, zoo: Path) -> None:
         export_fp16(modules[self.name], zoo / self.name)
