@@ -50,6 +50,14 @@ def resolve_config(cls: type[C], config: Optional[Path], sets: Optional[list[str
     return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
 
+def _threads_for_cpu(threads: Optional[int]) -> None:
+    import torch
+
+    if threads or not torch.cuda.is_available():
+        # Shared cores: a torch pool as wide as the machine spins against other jobs (tens of times slower here).
+        torch.set_num_threads(threads or 1)
+
+
 def not_yet(command: str, issue: int) -> None:
     raise ComatError(f"`comat {command}` is not available in this version yet (tracked in issue #{issue})")
 
@@ -103,14 +111,10 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default on a CPU-only machine: 1).")] = None,
 ) -> None:
     """Fine-tune a model with CoMat (concept activation, fidelity preservation, attribute concentration)."""
-    import torch
-
     from comat.train import profile as run_profile, train as run_train
     from comat.train_config import load_train_config
 
-    if threads or not torch.cuda.is_available():
-        # Shared cores: a torch pool as wide as the machine spins against other jobs (tens of times slower here).
-        torch.set_num_threads(threads or 1)
+    _threads_for_cpu(threads)
 
     flags = {"model": model, "seed": seed, "steps": None if profile else steps}
     overrides = tuple(set_ or ()) + tuple(f"{k}={v}" for k, v in flags.items() if v is not None)
@@ -124,12 +128,51 @@ def train(
     err.print(f"wrote {lora} (diffusers LoRA), {out / 'log.csv'} and checkpoints to {out}")
 
 
+def _pairs(items: Optional[list[str]], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ComatError(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} vqa=Salesforce/blip-vqa-base")
+        out[key.strip()] = value.strip()
+    return out
+
+
 @app.command("eval")
-def evaluate(benchmark: Annotated[str, typer.Argument(help="Benchmark name, e.g. t2i-compbench.")],
-             model: ModelOpt = None, ckpt: CkptOpt = None, out: OutOpt = Path("out/eval"), seed: SeedOpt = None,
-             device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Generate and score a benchmark (T2I-CompBench, TIFA, DPG-Bench, FID-10K) for a checkpoint."""
-    not_yet("eval", 5)
+def evaluate(
+    benchmark: Annotated[str, typer.Argument(help="Benchmark name, e.g. t2i-compbench (see benchmarks/protocols.yaml).")],
+    model: ModelOpt = None,
+    ckpt: CkptOpt = None,
+    out: OutOpt = Path("out/eval"),
+    device: DeviceOpt = None,
+    data: Annotated[Optional[Path], typer.Option(help="The official data file or its directory (default: download the pinned file).")] = None,
+    unpinned: Annotated[bool, typer.Option("--unpinned", help="Score data whose sha256 is not the pinned one (recorded).")] = False,
+    category: Annotated[Optional[list[str]], typer.Option("--category", help="Only this category (repeatable).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many prompts per category (a labelled partial run).")] = None,
+    images_per_prompt: Annotated[Optional[int], typer.Option("--images-per-prompt", "-n", help="Override the protocol's.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per pipeline call.")] = None,
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="ROLE=MODEL: replace a judge (repeatable).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE benchmark option, e.g. mode=fixed.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate and score a benchmark for a checkpoint; a second run of the same checkpoint generates nothing."""
+    from benchmarks.runner import EvalConfig, evaluate as run
+    from comat.results import markdown_table, protocol_line
+
+    _threads_for_cpu(None)
+    cfg = resolve_config(
+        EvalConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, device=device,
+        data=str(data) if data else None, unpinned=unpinned or None, categories=category or None, limit=limit,
+        images_per_prompt=images_per_prompt, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
+        options=_pairs(option, "--option") or None,
+    )
+    result = run(benchmark, cfg, out)
+    if result:
+        err.print(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]), highlight=False, soft_wrap=True)
+        counts = result["manifest"]["counts"]
+        err.print(f"generated {counts['generated']} of {counts['images']} images (the rest were cached); "
+                  f"wrote {', '.join(str(p) for p in result['files'].values())}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -31,3 +33,9 @@ def environment() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return {"python": platform.python_version(), **versions}
+
+
+def cache_dir() -> Path:
+    """Where reusable artefacts live (generated images, judge answers, latents, data): ``$COMAT_CACHE``, default
+    ``~/.cache/comat``."""
+    return Path(os.environ.get("COMAT_CACHE", Path.home() / ".cache" / "comat"))

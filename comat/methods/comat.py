@@ -46,6 +46,8 @@ from comat.losses import (
 )
 from comat.methods.base import Batch, FineTuneMethod, Terms, Update
 from comat.models.hub import resolve_model_path
+from comat.fingerprint import model_fingerprint
+from comat.runtime import cache_dir
 from comat.models.t2i import LoraSpec, add_lora, family_of, load_lora, load_t2i, save_lora
 from comat.sampling import (
     cond_rows,
@@ -63,30 +65,11 @@ from comat.train_config import TrainConfig
 TOY_PAIRS = 256  # size of the toy image-caption pool
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMAT_CACHE", Path.home() / ".cache" / "comat"))
-
-
 def fp32_(params: list[nn.Parameter]) -> list[nn.Parameter]:
     # AdamW on half-precision weights loses small updates; trainable tensors stay float32 under AMP.
     for p in params:
         p.data = p.data.float()
     return params
-
-
-def model_fingerprint(ref: str) -> str:
-    """A cheap identity of a pipeline's weights: names, sizes and the first/last MiB of each weight file."""
-    root = resolve_model_path(ref)
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(root)}|{size}|".encode())
-        with path.open("rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()
 
 
 class ImageCaptions:

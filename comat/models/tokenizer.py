@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from transformers import BertTokenizer, CLIPTokenizer
 
 from comat.io import atomic_write_text
+from comat.runtime import cache_dir
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 
@@ -44,7 +44,7 @@ def _clip_vocab_files() -> Path:
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(os.environ.get("COMAT_CACHE", Path.home() / ".cache" / "comat")) / "clip-bpe-16e6"
+    out = cache_dir() / "clip-bpe-16e6"
     atomic_write_text(out / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}))
     atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return out
