@@ -1,7 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Generated images, judge answers and latents are cached by content; tests must neither read a user's cache nor
+# leave one behind.
+os.environ["COMAT_CACHE"] = tempfile.mkdtemp(prefix="comat-test-cache-")
 
 import pytest
 import torch

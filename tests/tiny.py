@@ -99,10 +99,10 @@ def save_tiny_grounding_dino(path, words: list[str], seed: int = 0):
         GroundingDinoProcessor, SwinConfig,
     )
 
-    from comat.models.tokenizer import word_tokenizer
+    from comat.toy.recipes_vision import detector_tokenizer
 
     torch.manual_seed(seed)
-    tok = word_tokenizer(words, path / "vocab")
+    tok = detector_tokenizer(words)  # GroundingDINO splits phrases on BERT's ids of "." and "?"
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(image_size=64, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                                    window_size=4, out_features=["stage2", "stage3", "stage4"]),
@@ -123,3 +123,37 @@ def save_tiny_sam(path, seed: int = 0):
 
     torch.manual_seed(seed)
     return save_sam(build_custom_sam(TINY_SAM), path, TINY_SAM)
+
+
+def save_tiny_vqa(path, words: list[str], size: int = 32, seed: int = 0):
+    """A random BLIP-VQA judge (vocabulary ``words`` plus yes/no) saved with its processor, for ``VqaJudge.load``."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    from comat.models.tokenizer import word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(sorted(set(words) | {"yes", "no"}), path / "vocab")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size,
+                  patch_size=8)
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+        pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
+    )
+    BlipForQuestionAnswering(BlipConfig(vision_config=vision, text_config=text, projection_dim=32)).save_pretrained(path)
+    image_processor = BlipImageProcessor(size={"height": size, "width": size})
+    BlipProcessor(image_processor, tok).save_pretrained(path)
+    return path
+
+
+def save_tiny_clip(path, size: int = 32, seed: int = 0):
+    """A random CLIPModel with the real CLIP tokenizer and its processor, for ``ClipJudge.load``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    vision = dict(image_size=size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=tiny_text_config().to_dict(), vision_config=vision, projection_dim=32)).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor, clip_tokenizer()).save_pretrained(path)
+    return path

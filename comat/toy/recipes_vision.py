@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +43,21 @@ TRAIN_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "non_
                     "counting")
 
 
-def detector_vocabulary() -> list[str]:
-    """BERT-compatible id layout: specials at BERT's ids, the toy nouns from 104, ``[unusedN]`` fillers."""
+def detector_vocabulary(words: Sequence[str] = DETECTOR_WORDS) -> list[str]:
+    """BERT-compatible id layout: specials at BERT's ids, ``words`` from 104, ``[unusedN]`` fillers."""
+    words = [w for w in dict.fromkeys(w.lower() for w in words) if w not in _BERT_IDS.values()]
+    if len(words) > 1012 - 104:
+        raise ValueError(f"{len(words)} words do not fit between BERT's special ids")
     vocab = [_BERT_IDS.get(i, f"[unused{i}]") for i in range(1030)]
-    for i, word in enumerate(DETECTOR_WORDS):
+    for i, word in enumerate(words):
         vocab[104 + i] = word
     return vocab
 
 
-def detector_tokenizer() -> BertTokenizer:
+def detector_tokenizer(words: Sequence[str] = DETECTOR_WORDS) -> BertTokenizer:
     with tempfile.TemporaryDirectory() as d:  # BertTokenizer reads the file once; save_pretrained rewrites it
         path = Path(d) / "vocab.txt"
-        path.write_text("\n".join(detector_vocabulary()) + "\n")
+        path.write_text("\n".join(detector_vocabulary(words)) + "\n")
         return BertTokenizer(str(path), do_lower_case=True)
 
 
