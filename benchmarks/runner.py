@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     model: str = "toy"
     ckpt: str | None = None
+    world: str | None = None  # real or toy (its prompts and judges); None: toy exactly when the model is a toy one
     data: str | None = None  # the official data file or its directory (default: download the pinned file)
     unpinned: bool = False  # accept data whose sha256 is not the pinned one (recorded)
     categories: list[str] = dataclasses.field(default_factory=list)  # empty: all
@@ -63,7 +64,7 @@ def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
         overrides["options"] = cfg.options
     if cfg.images_per_prompt:
         overrides["images_per_prompt"] = cfg.images_per_prompt
-    protocol = load_protocol(name, world_of(cfg.model), overrides)
+    protocol = load_protocol(name, cfg.world or world_of(cfg.model), overrides)
     bench = benchmark_class(protocol)(protocol, data=Path(cfg.data) if cfg.data else None, unpinned=cfg.unpinned)
     samples = select(bench.samples(), cfg.categories, cfg.limit)
     engine = GenerationEngine(cfg.model, ckpt=cfg.ckpt, sampler=protocol.sampler, device=cfg.device,

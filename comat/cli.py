@@ -50,6 +50,10 @@ def resolve_config(cls: type[C], config: Optional[Path], sets: Optional[list[str
     return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
 
+def say(msg: str) -> None:
+    err.print(msg, highlight=False, soft_wrap=True)
+
+
 def _threads_for_cpu(threads: Optional[int]) -> None:
     import torch
 
@@ -119,7 +123,6 @@ def train(
     flags = {"model": model, "seed": seed, "steps": None if profile else steps}
     overrides = tuple(set_ or ()) + tuple(f"{k}={v}" for k, v in flags.items() if v is not None)
     cfg = load_train_config(preset, config, overrides)
-    say = lambda msg: err.print(msg, highlight=False, soft_wrap=True)
     if profile:
         run_profile(cfg, out, steps=steps or 3, device=device or "auto", log=say)
         err.print(f"wrote {out / 'profile.json'}")
@@ -169,10 +172,31 @@ def evaluate(
     )
     result = run(benchmark, cfg, out)
     if result:
-        err.print(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]), highlight=False, soft_wrap=True)
+        say(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]))
         counts = result["manifest"]["counts"]
-        err.print(f"generated {counts['generated']} of {counts['images']} images (the rest were cached); "
-                  f"wrote {', '.join(str(p) for p in result['files'].values())}", highlight=False, soft_wrap=True)
+        say(f"generated {counts['generated']} of {counts['images']} images (the rest were cached); "
+            f"wrote {', '.join(str(p) for p in result['files'].values())}")
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("reports/toy/demo"),
+    device: DeviceOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the toy preset's).")] = None,
+    limit: Annotated[int, typer.Option(help="Prompts per T2I-CompBench category in the evaluations.")] = 20,
+    set_: SetOpt = None,
+) -> None:
+    """Train CoMat on the toy world and compare base and fine-tuned on toy T2I-CompBench (the README's main job)."""
+    from benchmarks.runner import EvalConfig
+    from comat.demo import demo as run
+    from comat.results import markdown_table
+
+    _threads_for_cpu(None)
+    overrides = tuple(set_ or ()) + ((f"steps={steps}",) if steps else ())
+    result = run(out, overrides=overrides, eval_config=EvalConfig(limit=limit, device=device or "auto"),
+                 device=device or "auto", log=say)
+    say(markdown_table(result["rows"]))
+    say(f"wrote {result['files']['markdown']} and {result['files']['csv']}")
 
 
 @app.command()
