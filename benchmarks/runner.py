@@ -73,9 +73,7 @@ def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
     paths = engine.generate([ImageJob(s.prompt, seed) for s in samples for seed in seeds], progress=True)
     images = [paths[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(samples))]
 
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # scoring is cheap next to generation: the main process does it
+    if not engine.state().is_main_process:  # scoring is cheap next to generation: the main process does it
         return {}
     judges = Judges(protocol.judges, device="cpu" if engine.device == "auto" else engine.device)
     records = bench.score(samples, images, judges)

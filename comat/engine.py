@@ -105,7 +105,8 @@ class GenerationEngine:
     # -- keys ----------------------------------------------------------------------------------------
 
     def key(self, job: ImageJob) -> str:
-        payload = {**self.identity, "prompt": job.prompt, "seed": int(job.seed)}
+        # By content, not by name: the same weights under another path or hub id make the same images.
+        payload = {**self.identity, "model": None, "prompt": job.prompt, "seed": int(job.seed)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def path(self, job: ImageJob) -> Path:
@@ -122,14 +123,19 @@ class GenerationEngine:
 
     # -- generation ----------------------------------------------------------------------------------
 
+    def state(self):
+        """accelerate's process state (one process unless started by ``accelerate launch``)."""
+        from accelerate import PartialState
+
+        # Several CPU processes need gloo, which accelerate only picks when told the run is on the CPU.
+        return PartialState(cpu=self.device == "cpu" or not torch.cuda.is_available())
+
     @property
     def pipe(self):
         if self._pipe is None:
-            from accelerate import PartialState
-
             from comat.models.t2i import load_t2i
 
-            state = PartialState()
+            state = self.state()
             device = state.device if self.device == "auto" and state.num_processes > 1 else resolve_device(self.device)
             pipe = load_t2i(self.model, lora=self.ckpt, device=device, dtype=self.dtype)
             if self.sampler.scheduler != "default":
@@ -152,9 +158,7 @@ class GenerationEngine:
 
     def generate(self, jobs: Sequence[ImageJob], progress: bool = False) -> list[Path]:
         """Make sure every job's image exists in the cache; return the paths in the order of ``jobs``."""
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = self.state()
         todo = self.missing(jobs)
         batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         mine = batches[state.process_index :: state.num_processes]
