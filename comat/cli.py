@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 toy_app = typer.Typer(help="The toy world: procedural scenes and the small model zoo that runs everything on a CPU.")
 app.add_typer(toy_app, name="toy")
+bench_app = typer.Typer(help="Speed figures: each prints a ratio measured within one run.")
+app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 
 # --- shared options ---------------------------------------------------------------------------------
@@ -290,6 +292,24 @@ def toy_eval_zoo(
     json_path, md_path = write_report(result, out)
     err.print(md_path.read_text())
     err.print(f"wrote {json_path} and {md_path}")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    images: Annotated[int, typer.Option(help="Images per round and path.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds (direct, engine).")] = 3,
+) -> None:
+    """Generation through the engine (cache keys, PNG writes) against the bare diffusers pipeline."""
+    from comat.perf import engine_overhead
+
+    _threads_for_cpu(None)
+    r = engine_overhead(model or "toy", images=images, batch_size=batch_size, rounds=rounds, device=device or "auto")
+    say(f"direct pipeline {r['direct_images_per_s']:.2f} img/s, engine {r['engine_images_per_s']:.2f} img/s, "
+        f"engine/direct time {r['engine_over_direct']:.3f} ({r['images']} images per path, batch {r['batch_size']}, "
+        f"{r['sampler']}, model {r['model']})")
 
 
 def main() -> None:
