@@ -27,6 +27,7 @@ class EvalConfig:
     categories: list[str] = dataclasses.field(default_factory=list)  # empty: all
     limit: int | None = None  # at most this many prompts per category (a quick, labelled, partial run)
     images_per_prompt: int | None = None  # None: the protocol's
+    seed: int | None = None  # first image seed; None: the protocol's
     batch_size: int = 8
     device: str = "auto"
     judges: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> model, overriding the protocol
@@ -64,6 +65,8 @@ def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
         overrides["options"] = cfg.options
     if cfg.images_per_prompt:
         overrides["images_per_prompt"] = cfg.images_per_prompt
+    if cfg.seed is not None:
+        overrides["seed"] = cfg.seed
     protocol = load_protocol(name, cfg.world or world_of(cfg.model), overrides)
     bench = benchmark_class(protocol)(protocol, data=Path(cfg.data) if cfg.data else None, unpinned=cfg.unpinned)
     samples = select(bench.samples(), cfg.categories, cfg.limit)

@@ -149,6 +149,7 @@ def evaluate(
     model: ModelOpt = None,
     ckpt: CkptOpt = None,
     out: OutOpt = Path("out/eval"),
+    seed: Annotated[Optional[int], typer.Option("--seed", help="First image seed (default: the protocol's; recorded).")] = None,
     device: DeviceOpt = None,
     data: Annotated[Optional[Path], typer.Option(help="The official data file or its directory (default: download the pinned file).")] = None,
     unpinned: Annotated[bool, typer.Option("--unpinned", help="Score data whose sha256 is not the pinned one (recorded).")] = False,
@@ -169,7 +170,7 @@ def evaluate(
     cfg = resolve_config(
         EvalConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, device=device,
         data=str(data) if data else None, unpinned=unpinned or None, categories=category or None, limit=limit,
-        images_per_prompt=images_per_prompt, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
+        images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
         options=_pairs(option, "--option") or None,
     )
     result = run(benchmark, cfg, out)
@@ -202,11 +203,30 @@ def demo(
 
 
 @app.command()
-def ablate(matrix: Annotated[str, typer.Argument(help="Ablation matrix name (a file in ablations/).")],
-           model: ModelOpt = None, out: OutOpt = Path("reports"), seed: SeedOpt = None, device: DeviceOpt = None,
-           config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Train and evaluate every cell of an ablation matrix; write the paper-shaped table."""
-    not_yet("ablate", 6)
+def ablate(
+    matrix: Annotated[str, typer.Argument(help="Ablation matrix: ca-ac, fid, captioner, stop-grad, grad-steps (ablations/*.yaml).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset: toy (default), sd15 or sdxl.")] = None,
+    out: OutOpt = Path("reports/toy"),
+    seed: Annotated[Optional[int], typer.Option("--seed", help="First training seed: cells train with seed..seed+seeds-1.")] = None,
+    device: DeviceOpt = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Training seeds per cell (mean and std over them).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per cell (default: the preset's).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Prompts per benchmark category.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="i/n: run every n-th cell from i (one process per GPU); rerun without it for the table.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train and evaluate every cell of an ablation matrix (resumable); write the paper-shaped table."""
+    from comat.ablate import AblateConfig, run_ablation
+    from comat.results import markdown_table
+
+    _threads_for_cpu(None)
+    cfg = resolve_config(AblateConfig, config, None, model=model, first_seed=seed, seeds=seeds, steps=steps, limit=limit, shard=shard,
+                         device=device, set=tuple(set_) if set_ else None)
+    result = run_ablation(matrix, cfg, out, log=say)
+    if result:
+        say(markdown_table(result["markdown"]) + "\n".join(result["agreement"]))
+        say(f"wrote {result['files']['markdown']} and {result['files']['csv']}")
 
 
 @app.command()

@@ -28,14 +28,14 @@ def format_value(value: Any, digits: int = 4) -> str:
 def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None, digits: int = 4) -> str:
     if not rows:
         return "(no rows)\n"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(format_value(r.get(c), digits).replace("|", "\\|") for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def csv_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
-    columns = list(columns or (rows[0].keys() if rows else []))
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -56,19 +56,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_run(out: Path, name: str, *, records: Sequence[dict], aggregate: dict, rows: Sequence[Row],
-              manifest: dict, title: str | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write ``<name>.samples.jsonl``, ``<name>.json``, ``<name>.md``, ``<name>.csv`` and ``manifest.json``
-    into ``out``; the manifest gains the package versions. Returns the paths by kind."""
+              manifest: dict, title: str | None = None, notes: Sequence[str] = (), csv_rows: Sequence[Row] | None = None,
+              manifest_name: str = "manifest.json") -> dict[str, Path]:
+    """Write ``<name>.samples.jsonl``, ``<name>.json``, ``<name>.md``, ``<name>.csv`` (``csv_rows`` when the Markdown
+    rows hold formatted text) and the manifest into ``out``; the manifest gains the package versions."""
     out = Path(out)
     manifest = {**manifest, "environment": manifest.get("environment") or environment()}
     protocol = manifest.get("protocol", {})
     md = [f"# {title or name}", "", markdown_table(rows), protocol_line(protocol), ""]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
-    md += ["Manifest: [manifest.json](manifest.json)", ""]
+    md += [f"Manifest: [{manifest_name}]({manifest_name})", ""]
+    csv_rows = rows if csv_rows is None else csv_rows
     return {
         "samples": write_jsonl(out / f"{name}.samples.jsonl", records),
         "aggregate": atomic_write_json(out / f"{name}.json", {**aggregate, "protocol": protocol}),
         "markdown": atomic_write_text(out / f"{name}.md", "\n".join(md)),
-        "csv": atomic_write_text(out / f"{name}.csv", csv_table(rows)),
-        "manifest": atomic_write_json(out / "manifest.json", manifest),
+        "csv": atomic_write_text(out / f"{name}.csv", csv_table(csv_rows)),
+        "manifest": atomic_write_json(out / manifest_name, manifest),
     }

@@ -12,6 +12,9 @@ from comat.models.t2i import ATTENTION_PROJECTIONS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 CAPTIONER_KINDS = ("blip", "git", "llava", "none")
+# The checkpoint each captioner kind uses unless captioner.model names one (paper: BLIP large; Table 5's GIT/LLaVA).
+DEFAULT_CAPTIONERS = {"blip": "Salesforce/blip-image-captioning-large", "git": "microsoft/git-large-coco",
+                      "llava": "llava-hf/llava-1.5-7b-hf"}
 DISCRIMINATOR_KINDS = ("none", "unet-generated", "unet-real", "dino-image")
 
 
@@ -27,7 +30,7 @@ class CaptionerConfig:
     """Concept activation: ``L_i2t = -log p_C(prompt | image)`` from a frozen captioner."""
 
     kind: str = "blip"  # blip | git | llava | none
-    model: str = "Salesforce/blip-image-captioning-large"
+    model: str | None = None  # None: DEFAULT_CAPTIONERS[kind], or toy/<kind> when the base model is a toy one
     prefix: str = "a photography of "
     reduction: Literal["sum", "mean"] = "sum"  # sum: the paper's eq. 2; mean with label_smoothing=0.1: official code
     label_smoothing: float = 0.0
@@ -101,6 +104,12 @@ class TrainConfig:
     attribute_concentration: AttributeConcentrationConfig = dataclasses.field(
         default_factory=AttributeConcentrationConfig
     )
+
+    def captioner_model(self) -> str:
+        if self.captioner.model:
+            return self.captioner.model
+        toy = self.model == "toy" or self.model.startswith("toy/")
+        return f"toy/{self.captioner.kind}" if toy else DEFAULT_CAPTIONERS[self.captioner.kind]
 
     def validate(self) -> "TrainConfig":
         if self.captioner.kind not in CAPTIONER_KINDS:

@@ -41,7 +41,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 
 
 def test_pending_commands_say_so():
-    result = run_cli("ablate", "fid")
+    result = run_cli("report", "reports/toy")
     assert result.returncode == 2 and "not available" in result.stderr
 
 

@@ -171,7 +171,7 @@ class CoMat(FineTuneMethod):
         if cfg.captioner.kind != "none":
             from comat.models.captioners import load_captioner
 
-            self.captioner = load_captioner(cfg.captioner.kind, cfg.captioner.model, device=self.device,
+            self.captioner = load_captioner(cfg.captioner.kind, cfg.captioner_model(), device=self.device,
                                             dtype=pipe.unet.dtype)
         self.store = self.segmenter = self.nlp = None
         ac = cfg.attribute_concentration

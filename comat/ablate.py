@@ -1,0 +1,245 @@
+"""``comat ablate <matrix>``: the paper's ablation matrices (``ablations/*.yaml``) as resumable experiments.
+
+A matrix is data: a benchmark, its metrics, and cells, each a training-config delta (``train: null`` = the base model,
+untouched) with the paper's numbers beside it. Every (cell, seed) is a directory holding its training run, its
+evaluation and, once both finished, ``cell.json``; a rerun skips finished cells, resumes a half-trained one from its
+checkpoint, and retries failed ones. The engine's image cache and the real-latent cache are shared, so the base
+model's images are generated once for all cells and seeds. ``--shard i/n`` runs every n-th cell (one process per GPU);
+a final run without ``--shard`` only assembles the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from comat.errors import ComatError
+from comat.io import atomic_write_json
+from comat.results import write_run
+
+ABLATIONS_DIR = Path(__file__).resolve().parent.parent / "ablations"
+PRESETS = ("toy", "sd15", "sdxl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    name: str
+    train: dict[str, Any] | None  # None: the base model without fine-tuning
+    paper: dict[str, float]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "cell"
+
+
+@dataclasses.dataclass(frozen=True)
+class Matrix:
+    name: str
+    title: str
+    benchmark: str
+    metrics: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    lower_is_better: bool = False
+    paper_model: str | None = None
+    eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def base(self) -> Cell:
+        return self.cells[0]
+
+    def overrides(self, cell: Cell) -> tuple[str, ...]:
+        return tuple(f"{k}={_yaml_scalar(v)}" for k, v in (cell.train or {}).items())
+
+
+def _yaml_scalar(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def matrix_names(directory: Path = ABLATIONS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_matrix(name: str, directory: Path = ABLATIONS_DIR) -> Matrix:
+    path = Path(name) if name.endswith(".yaml") else directory / f"{name}.yaml"
+    if not path.is_file():
+        raise ComatError(f"unknown ablation matrix '{name}'; available: {', '.join(matrix_names(directory))}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        cells = tuple(Cell(n, c.get("train"), dict(c.get("paper") or {})) for n, c in raw.pop("cells").items())
+        matrix = Matrix(name=path.stem, cells=cells, metrics=tuple(raw.pop("metrics")), **raw)
+    except (KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise ComatError(f"{path}: malformed matrix ({type(e).__name__}: {e}); it needs title, benchmark, metrics and "
+                         "cells (name: {train: {...} or null, paper: {...}})") from None
+    if matrix.base.train is not None:
+        raise ComatError(f"{path}: the first cell is the base row and must have train: null")
+    return matrix
+
+
+def check_cells(matrix: Matrix, preset: str) -> None:
+    """Every cell's options must exist: fail before any training, naming the cell."""
+    from comat.train_config import load_train_config
+
+    for cell in matrix.cells:
+        if cell.train is None:
+            continue
+        try:
+            load_train_config(preset, None, matrix.overrides(cell))
+        except ComatError as e:
+            raise ComatError(f"ablation '{matrix.name}', cell '{cell.name}': {e}") from None
+
+
+@dataclasses.dataclass
+class AblateConfig:
+    model: str = "toy"  # the preset: toy, sd15 or sdxl
+    seeds: int = 3
+    first_seed: int = 0  # training seeds first_seed .. first_seed + seeds - 1
+    steps: int | None = None  # training steps per cell (None: the preset's)
+    limit: int | None = None  # prompts per benchmark category
+    shard: str | None = None  # "i/n": run every n-th cell starting at i, skip the table
+    device: str = "auto"
+    set: tuple[str, ...] = ()  # training overrides applied to every cell
+
+
+def _shard(spec: str | None) -> tuple[int, int]:
+    if not spec:
+        return 0, 1
+    m = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not m or int(m[1]) >= int(m[2]):
+        raise ComatError(f"--shard {spec!r} must be i/n with 0 <= i < n, e.g. 0/4")
+    return int(m[1]), int(m[2])
+
+
+def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir: Path,
+             log: Callable[[str], None]) -> dict:
+    from benchmarks.runner import EvalConfig, evaluate
+    from comat.train import train
+    from comat.train_config import load_train_config
+
+    start = time.perf_counter()
+    sets = tuple(cfg.set) + (f"seed={seed}",) + ((f"steps={cfg.steps}",) if cfg.steps else ())
+    train_cfg = load_train_config(cfg.model, None, sets + matrix.overrides(cell))
+    lora = None
+    if cell.train is not None:
+        lora = str(train(train_cfg, cell_dir / "train", device=cfg.device, log=log))
+    trained_s = time.perf_counter() - start
+    result = evaluate(matrix.benchmark, EvalConfig(model=train_cfg.model, ckpt=lora, limit=cfg.limit,
+                                                   device=cfg.device, options=dict(matrix.eval_options)),
+                      cell_dir / "eval")
+    scores = result["aggregate"].get("scores", result["aggregate"])
+    missing = [m for m in matrix.metrics if m not in scores]
+    if missing:
+        raise ComatError(f"benchmark {matrix.benchmark} reported no {', '.join(missing)}; it has {', '.join(scores)}")
+    return {"status": "done", "cell": cell.name, "seed": seed, "metrics": {m: scores[m] for m in matrix.metrics},
+            "lora": lora, "manifest": str(result["files"]["manifest"]), "protocol": result["manifest"]["protocol"],
+            "seconds": {"train": round(trained_s, 1), "total": round(time.perf_counter() - start, 1)}}
+
+
+def run_ablation(name: str, cfg: AblateConfig, out: Path, log: Callable[[str], None] = print) -> dict:
+    if cfg.model not in PRESETS:
+        raise ComatError(f"--model {cfg.model!r}: ablations run on a preset, one of {', '.join(PRESETS)}")
+    matrix = load_matrix(name)
+    check_cells(matrix, cfg.model)
+    index, count = _shard(cfg.shard)
+    root = out / matrix.name
+    k = -1
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
+        for cell in matrix.cells:
+            k += 1
+            if k % count != index:
+                continue
+            cell_dir = root / "cells" / cell.slug / f"seed{seed}"
+            done = cell_dir / "cell.json"
+            if done.is_file() and json.loads(done.read_text()).get("status") == "done":
+                log(f"{matrix.name}: {cell.name} seed {seed} already done")
+                continue
+            log(f"{matrix.name}: {cell.name} seed {seed}")
+            try:
+                record = run_cell(matrix, cell, seed, cfg, cell_dir, log)
+            except Exception as e:  # a failed cell is reported in the table; the others still run
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                record = {"status": "failed", "cell": cell.name, "seed": seed, "error": f"{type(e).__name__}: {message}",
+                          "traceback": traceback.format_exc(limit=5)}
+                log(f"{matrix.name}: {cell.name} seed {seed} failed: {record['error']}")
+            atomic_write_json(done, record)
+    if count > 1:
+        return {}
+    return write_table(matrix, cfg, root)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def table_rows(matrix: Matrix, records: list[dict], world: str) -> tuple[list[dict], list[dict], list[str]]:
+    """Markdown rows (mean +- std and delta vs base), CSV rows (numbers), and a line per cell on whether the measured
+    direction of change against the base row agrees with the paper's."""
+    md, csv_rows, agreement = [], [], []
+    means: dict[str, dict[str, float]] = {}
+    for cell in matrix.cells:
+        mine = [r for r in records if r["cell"] == cell.name]
+        done = [r for r in mine if r["status"] == "done"]
+        failed = [r for r in mine if r["status"] == "failed"]
+        row_md = {"row": cell.name, "source": f"measured ({world}, {len(done)} seeds)"}
+        row_csv = {"row": cell.name, "source": "measured", "seeds": len(done), "failed": len(failed)}
+        if done:
+            means[cell.name] = {}
+            for m in matrix.metrics:
+                mean, std = _mean_std([r["metrics"][m] for r in done])
+                means[cell.name][m] = mean
+                delta = mean - means[matrix.base.name][m] if matrix.base.name in means else None
+                row_md[m] = f"{mean:.4f} ± {std:.4f}" + (f" ({delta:+.4f})" if delta is not None and cell != matrix.base else "")
+                row_csv.update({f"{m}": mean, f"{m}_std": std, f"{m}_delta": delta})
+        if failed:
+            row_md["source"] += f"; failed: {failed[0]['error']}"
+            row_csv["error"] = failed[0]["error"]
+        md.append(row_md)
+        csv_rows.append(row_csv)
+        if cell.paper:
+            base_paper = matrix.base.paper
+            md.append({"row": cell.name, "source": f"paper ({matrix.paper_model})",
+                       **{m: f"{cell.paper[m]:.4f}" + (f" ({cell.paper[m] - base_paper[m]:+.4f})" if cell != matrix.base else "")
+                          for m in matrix.metrics if m in cell.paper}})
+            csv_rows.append({"row": cell.name, "source": "paper", **{m: cell.paper.get(m) for m in matrix.metrics}})
+        if cell != matrix.base and cell.name in means and matrix.base.name in means and cell.paper:
+            agreement.append(_agreement(matrix, cell, means))
+    return md, csv_rows, agreement
+
+
+def _agreement(matrix: Matrix, cell: Cell, means: dict[str, dict[str, float]]) -> str:
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    same, differ = [], []
+    for m in matrix.metrics:
+        if m not in cell.paper or m not in matrix.base.paper:
+            continue
+        ours = sign(means[cell.name][m] - means[matrix.base.name][m])
+        theirs = sign(cell.paper[m] - matrix.base.paper[m])
+        (same if ours == theirs else differ).append(m)
+    word = "lower" if matrix.lower_is_better else "higher"
+    return (f"{cell.name}: direction of change against {matrix.base.name} ({word} is better) agrees with the paper on "
+            f"{', '.join(same) or 'no metric'}" + (f"; differs on {', '.join(differ)}" if differ else ""))
+
+
+def write_table(matrix: Matrix, cfg: AblateConfig, root: Path) -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(root.glob("cells/*/seed*/cell.json"))]
+    records = [r for r in records if cfg.first_seed <= r["seed"] < cfg.first_seed + cfg.seeds]
+    world = "toy world" if cfg.model == "toy" else cfg.model
+    md, csv_rows, agreement = table_rows(matrix, records, world)
+    protocol = next((r["protocol"] for r in records if r["status"] == "done"), {})
+    manifest = {"matrix": matrix.name, "protocol": {**protocol, "training": f"preset {cfg.model}, steps "
+                                                   f"{cfg.steps or 'preset'}, seeds {cfg.first_seed}..{cfg.first_seed + cfg.seeds - 1}"},
+                "cells": {f"{r['cell']} seed {r['seed']}": r.get("manifest") or r.get("error") for r in records}}
+    # The CSV carries numbers, not the Markdown's "mean ± std (delta)" strings.
+    files = write_run(root.parent, matrix.name, records=records, aggregate={"rows": csv_rows}, rows=md,
+                      csv_rows=csv_rows, manifest=manifest, title=matrix.title, notes=agreement,
+                      manifest_name=f"{matrix.name}/manifest.json")
+    return {"markdown": md, "csv": csv_rows, "agreement": agreement, "files": files}
