@@ -314,6 +314,26 @@ def toy_eval_zoo(
     err.print(f"wrote {json_path} and {md_path}")
 
 
+@toy_app.command("compare")
+def toy_compare(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="LoRA directory written by `comat train --preset toy`.")],
+    out: OutOpt = Path("out/toy-compare"),
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Single-object fidelity, colour binding and missing objects of the base toy model beside a LoRA."""
+    from comat.results import write_run
+    from comat.toy.eval_zoo import ZooEvalConfig, compare_t2i
+
+    _threads_for_cpu(None)
+    result = compare_t2i(ckpt, resolve_config(ZooEvalConfig, config, set_, seed=seed))
+    files = write_run(out, "compare", records=[], aggregate={r["metric"]: r for r in result["rows"]}, rows=result["rows"],
+                      manifest={"protocol": result["protocol"], "environment": result["environment"]},
+                      title="Toy text-to-image metrics: base vs LoRA")
+    say(files["markdown"].read_text())
+
+
 @bench_app.command("engine")
 def bench_engine(
     model: ModelOpt = None,

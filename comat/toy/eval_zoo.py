@@ -120,6 +120,20 @@ def evaluate_zoo(zoo: Path, cfg: ZooEvalConfig) -> dict:
     }
 
 
+def compare_t2i(ckpt: Path, cfg: ZooEvalConfig, zoo: Path | None = None) -> dict:
+    """The text-to-image metrics of the base toy model and of it with a LoRA (issue 4's measure of CoMat)."""
+    from comat.models.hub import TOY_ZOO
+
+    zoo = zoo or TOY_ZOO
+    vqa, detector = VqaJudge.load(str(zoo / "vqa")), Detector.load(str(zoo / "grounding_dino"))
+    base = t2i_metrics(load_t2i(str(zoo / "t2i")), vqa, detector, cfg)
+    tuned = t2i_metrics(load_t2i(str(zoo / "t2i"), lora=ckpt), vqa, detector, cfg)
+    rows = [{"metric": k, "base": base[k], "tuned": tuned[k], "delta": tuned[k] - base[k]} for k in base]
+    protocol = {**dataclasses.asdict(cfg), "sampler": "DDIM", "lora": str(ckpt), "judges": "toy/vqa, toy/grounding_dino",
+                "prompts": "toy eval split (held out from training): single and color categories"}
+    return {"rows": rows, "protocol": protocol, "environment": environment()}
+
+
 def _passes(value: float, op: str, bar: float) -> bool:
     return {">=": value >= bar, "<=": value <= bar, ">": value > bar}[op]
 

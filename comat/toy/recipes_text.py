@@ -364,7 +364,7 @@ class VqaRecipe:
     captioners' object-attribute probe. Each image carries ``per_image`` questions: the ViT, most of a step's
     cost, runs once per image."""
 
-    name, requires, steps, lr, ema, batch, per_image = "vqa", (), 3000, 1e-3, 0.99, 32, 4
+    name, requires, steps, lr, ema, batch, per_image = "vqa", (), 9000, 1e-3, 0.99, 32, 4
     hidden, vision_layers, text_layers = 96, 3, 2
     aux_weight = 1.0
     attention_weight = 1.0
