@@ -68,10 +68,17 @@ def load_t2i(
     if class_name not in PIPELINES:
         raise ComatError(f"'{ref}' is a {class_name}; supported pipelines are {', '.join(PIPELINES)}")
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
+    from diffusers.utils import logging as diffusers_logging
+
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a bar per component load buries the tool's own output
     try:
         pipe = PIPELINES[class_name].from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, EnvironmentError) as e:
         raise ComatError(f"could not load pipeline '{ref}': {str(e).splitlines()[0]} (weights must be .safetensors)") from None
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         load_lora(pipe, lora)

@@ -1,0 +1,29 @@
+import shutil
+
+import torch
+
+from comat.models.t2i import LoraSpec, add_lora, load_t2i, save_lora
+from comat.toy.eval_zoo import ZooEvalConfig, compare_t2i
+from comat.toy.prompts import COLORS, SHAPES
+from tests.tiny import save_tiny_grounding_dino, save_tiny_vqa
+
+
+def test_compare_scores_base_and_lora_on_the_same_prompts_and_seeds(tiny_sd_dir, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_sd_dir, zoo / "t2i")
+    words = ["a", "an", *SHAPES, *COLORS, "."]
+    save_tiny_vqa(zoo / "vqa", words)
+    save_tiny_grounding_dino(zoo / "grounding_dino", words)
+    pipe = load_t2i(zoo / "t2i")
+    for p in add_lora(pipe.unet, LoraSpec(rank=2, alpha=2)):
+        torch.nn.init.normal_(p, std=0.5)  # a LoRA that changes the images
+    save_lora(pipe, tmp_path / "lora")
+    cfg = ZooEvalConfig(images_per_prompt=1, sample_steps=2)
+    result = compare_t2i(tmp_path / "lora", cfg, zoo)
+    rows = {r["metric"]: r for r in result["rows"]}
+    assert {"t2i.single_object", "t2i.color_binding", "t2i.missing_object_rate"} <= set(rows)
+    for r in rows.values():
+        assert abs(r["tuned"] - r["base"] - r["delta"]) < 1e-12 and 0 <= r["base"] <= 1
+    assert any(r["delta"] != 0 for r in rows.values())  # the LoRA's images were scored, not the base's twice
+    again = compare_t2i(tmp_path / "lora", cfg, zoo)
+    assert again["rows"] == result["rows"]  # fixed seeds: the comparison is reproducible
