@@ -130,6 +130,18 @@ class Benchmark(ABC):
     def toy(self) -> bool:
         return self.protocol.world == "toy"
 
+    def option(self, key: str, default: Any, choices: Sequence | None = None) -> Any:
+        """Benchmark option ``key`` (protocol or ``--option key=value``), checked against ``choices``; a boolean
+        option also accepts the strings true/false that the command line gives."""
+        value = self.protocol.options.get(key, default)
+        if isinstance(default, bool) and isinstance(value, str):
+            choices, value = (True, False), {"true": True, "false": False}.get(value.lower(), value)
+        if choices is not None and value not in choices:
+            shown = [str(c).lower() if isinstance(c, bool) else c for c in choices]
+            raise ComatError(f"{self.name} option {key}={value!r} is unknown; use "
+                             + " or ".join(f"--option {key}={c}" for c in shown))
+        return value
+
     @abstractmethod
     def samples(self) -> list[Sample]:
         """All prompts, in the upstream order."""
@@ -141,3 +153,7 @@ class Benchmark(ABC):
     @abstractmethod
     def aggregate(self, records: Sequence[dict]) -> tuple[dict, list[dict]]:
         """The aggregate numbers and the table rows, computed as upstream does."""
+
+    def write_outputs(self, out: Path, samples: Sequence[Sample], images: Sequence[Sequence[Path]]) -> dict[str, Path]:
+        """Files a benchmark writes beside the standard run outputs (e.g. DPG-Bench's grids); none by default."""
+        return {}

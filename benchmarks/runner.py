@@ -96,4 +96,5 @@ def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
     files = write_run(out, name, records=records, aggregate=aggregate, rows=rows, manifest=manifest,
                       title=f"{name} ({protocol.world} world{', partial' if partial else ''})",
                       notes=getattr(bench, "notes", ()))
+    files.update(bench.write_outputs(out, samples, images))
     return {"aggregate": aggregate, "rows": rows, "manifest": manifest, "files": files}

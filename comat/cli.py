@@ -64,10 +64,6 @@ def _threads_for_cpu(threads: Optional[int]) -> None:
         torch.set_num_threads(threads or 1)
 
 
-def not_yet(command: str, issue: int) -> None:
-    raise ComatError(f"`comat {command}` is not available in this version yet (tracked in issue #{issue})")
-
-
 # --- commands ---------------------------------------------------------------------------------------
 @app.command()
 def generate(
@@ -229,26 +225,97 @@ def ablate(
         say(f"wrote {result['files']['markdown']} and {result['files']['csv']}")
 
 
-@app.command()
-def sensitivity(captioner: Annotated[str, typer.Option(help="blip, git, llava or a toy captioner.")] = "blip",
-                model: ModelOpt = None, out: OutOpt = Path("out/sensitivity"), seed: SeedOpt = None,
-                device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Captioner sensitivity to attribute, relation and noun corruptions (paper Table 7)."""
-    not_yet("sensitivity", 5)
+CaptionerModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--captioner-model", "--model", "-m",
+                 help="Checkpoint of the --captioner kind: a hub id or a directory (default: the paper's)."),
+]
 
 
 @app.command()
-def attack(model: ModelOpt = None, ckpt: CkptOpt = None, out: OutOpt = Path("out/attack"), seed: SeedOpt = None,
-           device: DeviceOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Gumbel-softmax prompt attack success rate on short and long prompts."""
-    not_yet("attack", 5)
+def sensitivity(
+    captioner: Annotated[Optional[str], typer.Option(
+        help="A captioner kind, blip, git or llava (checkpoint: --captioner-model), or a toy captioner, toy/blip or "
+             "toy/git. Default: toy/blip, with --data blip.")] = None,
+    captioner_model: CaptionerModelOpt = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help='JSONL test set, one {"image": PATH, "caption": TEXT} per line, image paths relative to the file '
+             "(default: renders of toy eval prompts).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Toy world: number of scenes (default 300).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Captions scored per captioner call.")] = None,
+    out: OutOpt = Path("out/sensitivity"),
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Captioner sensitivity to attribute swaps, subject/object swaps and noun replacements (paper Table 7)."""
+    from benchmarks.sensitivity import SensitivityConfig, run
+    from comat.results import markdown_table, protocol_line
+
+    _threads_for_cpu(None)
+    cfg = resolve_config(SensitivityConfig, config, set_, captioner=captioner, captioner_model=captioner_model,
+                         data=str(data) if data else None, n=n, batch_size=batch_size, seed=seed, device=device)
+    result = run(cfg, out)
+    say(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]))
+    for note in result["notes"]:
+        say(f"- {note}")
+    say(f"{result['manifest']['seconds']['total']} s; wrote {', '.join(str(p) for p in result['files'].values())}")
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Argument(help="A run directory written by `comat ablate` or `comat eval`.")],
-           out: OutOpt = Path("reports")) -> None:
-    """Gather the tables, plots and image grids of a run into one Markdown page."""
-    not_yet("report", 6)
+def attack(
+    model: ModelOpt = None,
+    ckpt: CkptOpt = None,
+    out: OutOpt = Path("out/attack"),
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    data: Annotated[Optional[Path], typer.Option(help="The upstream prompt CSVs or their directory (default: download the pinned files).")] = None,
+    unpinned: Annotated[bool, typer.Option("--unpinned", help="Use CSVs whose sha256 is not the pinned one (recorded).")] = False,
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", help="short or long (repeatable; default both).")] = None,
+    class_: Annotated[Optional[list[str]], typer.Option("--class", help="Only this class, by name or label (repeatable).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="An evenly spaced subset of this many classes.")] = None,
+    samples_per_class: Annotated[Optional[int], typer.Option("--samples-per-class", "-n", help="Seeds per class (paper: 20).")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Adam iterations per sample (protocol: 100).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Appended token positions.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (a quick, labelled run).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Samples attacked together.")] = None,
+    judge: Annotated[Optional[list[str]], typer.Option("--judge", help="clip=MODEL: replace the classifier's CLIP.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Gumbel-softmax prompt attack success rate on short and long prompts (Du et al. 2023)."""
+    from benchmarks.prompt_attack import AttackConfig, run_attack
+    from comat.results import markdown_table, protocol_line
+
+    _threads_for_cpu(None)
+    cfg = resolve_config(
+        AttackConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
+        data=str(data) if data else None, unpinned=unpinned or None, kinds=kind or None, classes=class_ or None,
+        num_classes=num_classes, samples_per_class=samples_per_class, iterations=iterations, tokens=tokens,
+        steps=steps, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
+    )
+    result = run_attack(cfg, out)
+    err.print(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]), highlight=False, soft_wrap=True)
+    err.print(f"wrote {', '.join(str(p) for p in result['files'].values())}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(
+        help="A run directory: the --out of `comat ablate`, `comat demo` or `comat eval`.")],
+    out: OutOpt = None,  # type: ignore[assignment]  # None: the run directory itself
+) -> None:
+    """Gather the tables, plots and image grids of a run into one Markdown page: OUT/report.md and OUT/figures/*.png
+    (OUT: the run directory unless given)."""
+    from comat.report import write_report
+
+    result = write_report(run, out)
+    say(f"wrote {result['report']} ({len(result['tables'])} tables) and {len(result['figures'])} figures in "
+        f"{result['report'].parent / 'figures'}")
+    lost = len({p for paths in result["missing"].values() for p in paths})
+    if lost:
+        say(f"{lost} images are no longer in the image cache; they are drawn grey and listed in the report")
 
 
 @toy_app.command("render")

@@ -40,11 +40,6 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2 and "prompt file" in result.stderr
 
 
-def test_pending_commands_say_so():
-    result = run_cli("report", "reports/toy")
-    assert result.returncode == 2 and "not available" in result.stderr
-
-
 def test_generate_writes_images_and_resolved_config(tiny_sd_dir, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
     (tmp_path / "c.yaml").write_text("steps: 2\nguidance: 3.0\n")

@@ -16,11 +16,15 @@ from comat.fingerprint import model_fingerprint
 from comat.judge_cache import JudgeCache
 
 LOADERS: dict[str, Callable[[str, str], Any]] = {}
+# A role whose references are not model directories (the FID Inception is a weights file) says how to fingerprint them.
+FINGERPRINTS: dict[str, Callable[[str], str]] = {}
 
 
-def _loader(role: str):
+def _loader(role: str, fingerprint: Callable[[str], str] | None = None):
     def wrap(fn):
         LOADERS[role] = fn
+        if fingerprint is not None:
+            FINGERPRINTS[role] = fingerprint
         return fn
     return wrap
 
@@ -46,6 +50,26 @@ def _load_clip(ref: str, device: str):
     return ClipJudge.load(ref, device=device)
 
 
+def _fid_fingerprint(ref: str) -> str:
+    from comat.fid import extractor_fingerprint
+
+    return extractor_fingerprint(ref)
+
+
+@_loader("fid_features", fingerprint=_fid_fingerprint)
+def _load_fid_features(ref: str, device: str):
+    from comat.fid import load_extractor
+
+    return load_extractor(ref, device)
+
+
+@_loader("text_embedder")
+def _load_text_embedder(ref: str, device: str):
+    from comat.judges.text_embedder import TextEmbedder
+
+    return TextEmbedder.load(ref, device=device)
+
+
 class Judges:
     def __init__(self, refs: dict[str, str], *, cache: JudgeCache | None = None, device: str = "cpu"):
         self.refs = dict(refs)
@@ -69,7 +93,8 @@ class Judges:
 
     def id(self, role: str) -> str:
         if role not in self._ids:
-            self._ids[role] = f"{role}:{self.ref(role)}@{model_fingerprint(self.ref(role))[:16]}"
+            fingerprint = FINGERPRINTS.get(role, model_fingerprint)(self.ref(role))
+            self._ids[role] = f"{role}:{self.ref(role)}@{fingerprint[:16]}"
         return self._ids[role]
 
     def versions(self) -> dict[str, str]:
