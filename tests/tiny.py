@@ -70,9 +70,8 @@ TINY_SAM = {
 }
 
 
-def save_tiny_blip(path, words: list[str], size: int = 32, seed: int = 0):
-    """A random BLIP captioner (vocabulary ``words``) saved with its processor, loadable by ``load_captioner``."""
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+def _tiny_blip(path, model_class, words: list[str], size: int, seed: int):
+    from transformers import BlipConfig, BlipImageProcessor, BlipProcessor
 
     from comat.models.tokenizer import word_tokenizer
 
@@ -85,11 +84,18 @@ def save_tiny_blip(path, words: list[str], size: int = 32, seed: int = 0):
         encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
         pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
     )
-    BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text, projection_dim=32)).save_pretrained(path)
+    model_class(BlipConfig(vision_config=vision, text_config=text, projection_dim=32)).save_pretrained(path)
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     image_processor = BlipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     BlipProcessor(image_processor, tok).save_pretrained(path)
     return path
+
+
+def save_tiny_blip(path, words: list[str], size: int = 32, seed: int = 0):
+    """A random BLIP captioner (vocabulary ``words``) saved with its processor, loadable by ``load_captioner``."""
+    from transformers import BlipForConditionalGeneration
+
+    return _tiny_blip(path, BlipForConditionalGeneration, words, size, seed)
 
 
 def save_tiny_grounding_dino(path, words: list[str], seed: int = 0):
@@ -127,23 +133,9 @@ def save_tiny_sam(path, seed: int = 0):
 
 def save_tiny_vqa(path, words: list[str], size: int = 32, seed: int = 0):
     """A random BLIP-VQA judge (vocabulary ``words`` plus yes/no) saved with its processor, for ``VqaJudge.load``."""
-    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+    from transformers import BlipForQuestionAnswering
 
-    from comat.models.tokenizer import word_tokenizer
-
-    torch.manual_seed(seed)
-    tok = word_tokenizer(sorted(set(words) | {"yes", "no"}), path / "vocab")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size,
-                  patch_size=8)
-    text = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-        pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
-    )
-    BlipForQuestionAnswering(BlipConfig(vision_config=vision, text_config=text, projection_dim=32)).save_pretrained(path)
-    image_processor = BlipImageProcessor(size={"height": size, "width": size})
-    BlipProcessor(image_processor, tok).save_pretrained(path)
-    return path
+    return _tiny_blip(path, BlipForQuestionAnswering, sorted(set(words) | {"yes", "no"}), size, seed)
 
 
 def save_tiny_clip(path, size: int = 32, seed: int = 0):

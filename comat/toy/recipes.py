@@ -7,6 +7,8 @@ Sizes were chosen for a 2-core CPU and a 30 MB zoo (weights stored in float16): 
 from __future__ import annotations
 
 import dataclasses
+import filecmp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,5 +185,31 @@ class UnetRecipe:
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
+        share_zoo_files(zoo / self.name, zoo)
+
+
+def share_zoo_files(pipeline_dir: Path, zoo: Path) -> None:
+    """Replace the pipeline's copies of other zoo models by relative symlinks, keeping the zoo within its size budget.
+
+    The VAE and the tokenizer are byte-identical to ``vae`` and ``clip``'s; the text encoder is ``clip``'s text
+    tower, and ``CLIPTextModel`` loads its ``text_model.*`` tensors straight from the CLIPModel file (the vision
+    tensors are ignored), so ``from_pretrained`` sees an ordinary pipeline directory."""
+    from safetensors import safe_open
+
+    def link(path: Path, target: Path) -> None:
+        path.unlink()
+        path.symlink_to(os.path.relpath(target, path.parent))
+
+    for path in sorted(p for p in pipeline_dir.rglob("*") if p.is_file() and not p.is_symlink()):
+        twin = next((q for q in sorted(zoo.glob("*/*")) if q.name == path.name and q.is_file() and not q.is_symlink()
+                     and not q.is_relative_to(pipeline_dir) and filecmp.cmp(q, path, shallow=False)), None)
+        if twin is not None:
+            link(path, twin)
+    text_weights, clip_weights = pipeline_dir / "text_encoder" / "model.safetensors", zoo / "clip" / "model.safetensors"
+    if text_weights.is_file() and not text_weights.is_symlink() and clip_weights.is_file():
+        with safe_open(text_weights, "pt") as a, safe_open(clip_weights, "pt") as b:
+            same = set(a.keys()) <= set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        if same:
+            link(text_weights, clip_weights)
 
 
