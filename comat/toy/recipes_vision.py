@@ -214,7 +214,7 @@ class GroundingDinoRecipe:
     # ~0.33 s/step on one thread. Pilot (detector_recall at confidence 0.5 / 0.3): step 1.5k 0.31/0.71,
     # 2.5k 0.52/0.79, 3.0k 0.72/0.90, 3.7k 0.80/0.92, 4.4k 0.87/0.96, 5.0k 0.89/0.97: 0.95 at 0.5 needs
     # about 8k steps (~45 min of one thread).
-    name, requires, steps, lr, ema, batch = "grounding_dino", (), 8000, 3e-4, 0.999, 16
+    name, requires, steps, lr, ema, batch = "grounding_dino", (), 11000, 3e-4, 0.999, 16
 
     def __init__(self) -> None:
         self.tokenizer = detector_tokenizer()
