@@ -269,7 +269,7 @@ class T2ICompBench(Benchmark):
         return records
 
     def _score_spatial(self, rows: list[int], pairs, docs, records, judges) -> None:
-        from comat.engine import load_image
+        import PIL.Image
 
         crashed = 0
         by_labels: dict[tuple[str, ...], list[int]] = {}
@@ -284,7 +284,8 @@ class T2ICompBench(Benchmark):
         for labels, idx in by_labels.items():
             found = judges.detect([pairs[i][1] for i in idx], list(labels)) if labels else [[] for _ in idx]
             for i, dets in zip(idx, found):
-                width = load_image(pairs[i][1]).width
+                with PIL.Image.open(pairs[i][1]) as im:  # the header only: the judge already decoded the pixels
+                    width = im.width
                 obj1, obj2 = records[i]["objects"]
                 records[i]["detections"] = dets
                 records[i]["spatial"], degenerate = spatial_score(obj1, obj2, records[i]["relation"], dets,

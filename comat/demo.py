@@ -3,6 +3,7 @@ T2I-CompBench, and write the comparison table (Markdown + CSV) with each evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,7 @@ def demo(out: Path, *, overrides: tuple[str, ...] = (), eval_config: EvalConfig 
     results = {}
     for name, ckpt in (("base", None), ("comat", str(lora))):
         log(f"evaluating the {name} model on {BENCHMARK}")
-        results[name] = evaluate(BENCHMARK, EvalConfig(**{**base_cfg.__dict__, "ckpt": ckpt}), out / name)
+        results[name] = evaluate(BENCHMARK, dataclasses.replace(base_cfg, ckpt=ckpt), out / name)
     base, tuned = (results[k]["aggregate"]["scores"] for k in ("base", "comat"))
     rows = [{"category": c, "base": base[c], "comat": tuned[c], "delta": tuned[c] - base[c]} for c in base]
     protocol = results["base"]["manifest"]["protocol"]
