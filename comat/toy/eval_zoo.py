@@ -18,7 +18,7 @@ from comat.judges.detector import Detector
 from comat.judges.vqa import VqaJudge
 from comat.models.captioners import load_captioner
 from comat.models.segmenter import load_segmenter
-from comat.models.t2i import load_t2i
+from comat.models.t2i import load_lora, load_t2i
 from comat.runtime import environment
 from comat.toy.prompts import SHAPES, PromptSpec, prompt_specs
 from comat.toy.pretrain import read_training_record
@@ -126,8 +126,10 @@ def compare_t2i(ckpt: Path, cfg: ZooEvalConfig, zoo: Path | None = None) -> dict
 
     zoo = zoo or TOY_ZOO
     vqa, detector = VqaJudge.load(str(zoo / "vqa")), Detector.load(str(zoo / "grounding_dino"))
-    base = t2i_metrics(load_t2i(str(zoo / "t2i")), vqa, detector, cfg)
-    tuned = t2i_metrics(load_t2i(str(zoo / "t2i"), lora=ckpt), vqa, detector, cfg)
+    pipe = load_t2i(str(zoo / "t2i"))
+    base = t2i_metrics(pipe, vqa, detector, cfg)
+    load_lora(pipe, ckpt)  # the same pipeline, now with the adapter: one model load for both
+    tuned = t2i_metrics(pipe, vqa, detector, cfg)
     rows = [{"metric": k, "base": base[k], "tuned": tuned[k], "delta": tuned[k] - base[k]} for k in base]
     protocol = {**dataclasses.asdict(cfg), "sampler": "DDIM", "lora": str(ckpt), "judges": "toy/vqa, toy/grounding_dino",
                 "prompts": "toy eval split (held out from training): single and color categories"}
