@@ -344,7 +344,7 @@ def toy_pretrain(
 ) -> None:
     """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
     from comat.models.hub import TOY_ZOO
-    from comat.toy.pretrain import PretrainConfig, train_recipe
+    from comat.toy.pretrain import PretrainConfig, read_training_record, train_recipe
     from comat.toy.registry import RECIPES
 
     if only is not None and only not in RECIPES:
@@ -352,11 +352,12 @@ def toy_pretrain(
     zoo = zoo or TOY_ZOO
     cfg = PretrainConfig(seed=seed or 0, threads=threads, max_minutes=max_minutes)
     for name in [only] if only else list(RECIPES):
-        if (zoo / name / "training.json").is_file() and not force:
+        recipe = RECIPES[name]()
+        if read_training_record(zoo, name).get("steps", 0) >= recipe.steps and not force:
             err.print(f"{name}: already in the zoo ({zoo / name}); --force retrains it")
             continue
         show = lambda step, total, row, name=name: err.print(f"{name} {step}/{total} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "step"))
-        done = train_recipe(RECIPES[name](), cfg, zoo=zoo, work=work, progress=show)
+        done = train_recipe(recipe, cfg, zoo=zoo, work=work, progress=show)
         err.print(f"{name}: {'exported to ' + str(zoo / name) if done else 'paused (checkpointed); rerun to resume'}")
         if not done:
             break

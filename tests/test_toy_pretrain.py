@@ -52,3 +52,58 @@ def test_hard_negatives_change_the_binding_not_the_words():
         negative = corrupt(spec, rng)
         assert negative.text != spec.text
         assert sorted(negative.text.split()) == sorted(spec.text.split())  # a swap: same words, other binding
+
+
+class PhasedRecipe(LinearRecipe):
+    """The bias trains for the first phase only; the learning rate halves in the second."""
+
+    ema = 0.0
+
+    def at_step(self, step, modules, opt):
+        modules["lin"].bias.requires_grad_(step < 6)
+        for group in opt.param_groups:
+            group["lr"] = self.lr if step < 6 else self.lr / 2
+
+
+def test_recipe_phases_hold_across_a_resume(tmp_path):
+    train_recipe(PhasedRecipe(), PretrainConfig(), zoo=tmp_path / "a", work=tmp_path / "wa")
+    assert not train_recipe(PhasedRecipe(), PretrainConfig(pause_at_step=6), zoo=tmp_path / "b", work=tmp_path / "wb")
+    from safetensors.torch import load_file
+
+    bias_at_6 = load_file(tmp_path / "wb" / "lin" / "last" / "lin.safetensors")["bias"]
+    assert train_recipe(PhasedRecipe(), PretrainConfig(), zoo=tmp_path / "b", work=tmp_path / "wb")
+    a = torch.load(tmp_path / "a" / "lin.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "lin.pt", weights_only=True)
+    torch.testing.assert_close(b["bias"], bias_at_6, rtol=0, atol=0)  # frozen in the second phase
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
+    from comat.toy.recipes import UnetRecipe
+
+    recipe = UnetRecipe()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    middle = (recipe.constant_steps + recipe.steps) // 2
+    for step, lr, ema in ((0, recipe.lr, 0.995), (recipe.constant_steps - 1, recipe.lr, 0.995),
+                          (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema),
+                          (recipe.steps, recipe.lr * recipe.final_lr_fraction, recipe.decay_ema)):
+        recipe.at_step(step, {}, opt)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema
+
+
+def test_vae_second_phase_trains_the_decoder_alone(tmp_path):
+    from comat.toy.recipes import VaeRecipe
+
+    recipe = VaeRecipe()
+    modules = recipe.build(tmp_path)
+    vae = modules["vae"]
+    recipe.at_step(recipe.encoder_steps - 1, modules, None)
+    assert all(p.requires_grad for p in vae.parameters())
+    recipe.at_step(recipe.encoder_steps, modules, None)
+    recipe.batch = 2
+    loss, _ = recipe.loss(modules, np.random.default_rng(0))
+    loss.backward()
+    encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    assert all(p.grad is None for p in encoder)
+    assert all(p.grad is not None for p in vae.decoder.parameters())

@@ -39,6 +39,9 @@ class Recipe(Protocol):
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
         """The models; the trainable parameters are those with ``requires_grad``."""
 
+    # Optional: ``at_step(step, modules, opt)`` runs before every step, for recipes whose schedule has phases
+    # (a learning-rate decay, a frozen encoder); it is called again after a resume, so phases survive one.
+
     def loss(self, modules: dict[str, torch.nn.Module], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         """One batch: draw scenes from ``rng``, return the loss and numbers to log."""
 
@@ -102,7 +105,10 @@ def train_recipe(
 
     for m in modules.values():
         m.train()
+    at_step = getattr(recipe, "at_step", None)
     while step < recipe.steps:
+        if at_step:
+            at_step(step, modules, opt)
         loss, logs = recipe.loss(modules, rng)
         if not torch.isfinite(loss):
             raise ComatError(f"toy '{recipe.name}' loss is {loss.item()} at step {step}; the last checkpoint ({ckpt}) is kept")

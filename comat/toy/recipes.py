@@ -108,9 +108,15 @@ class ClipRecipe:
 
 
 class VaeRecipe:
-    """AutoencoderKL with 4x downsampling (64x64x3 -> 16x16x4); no mid-block attention keeps it cheap."""
+    """AutoencoderKL with 4x downsampling (64x64x3 -> 16x16x4); no mid-block attention keeps it cheap.
 
-    name, requires, steps, lr, ema, batch = "vae", (), 3000, 1e-3, 0.0, 16
+    Two phases: the whole autoencoder for ``encoder_steps``, then the decoder alone with extra weight on object
+    pixels. The first phase left stripes and dots blurred (the VQA judge read the texture of only 61% of
+    reconstructed single objects right); the second sharpens them without moving the latent space, so the
+    text-to-image UNet trained on these latents stays valid."""
+
+    name, requires, steps, lr, ema, batch = "vae", (), 5000, 1e-3, 0.0, 16
+    encoder_steps = 3000
     kl_weight = 1e-6
 
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
@@ -121,15 +127,25 @@ class VaeRecipe:
         )
         return {"vae": vae}
 
+    def at_step(self, step: int, modules, opt) -> None:
+        vae = modules["vae"]
+        frozen = step >= self.encoder_steps
+        vae.encoder.requires_grad_(not frozen)
+        vae.quant_conv.requires_grad_(not frozen)
+
     def loss(self, modules, rng):
-        images, _, _ = sample_batch(self.batch, rng)
+        images, _, rendered = sample_batch(self.batch, rng)
         x = images * 2 - 1
-        posterior = modules["vae"].encode(x).latent_dist
-        recon = modules["vae"].decode(posterior.sample()).sample
+        vae = modules["vae"]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(recon, x)
         # Stripes and dots cover little of the image; matching image gradients keeps their edges sharp.
         edges = sum(F.l1_loss(recon.diff(dim=d), x.diff(dim=d)) for d in (2, 3))
         loss = mse + F.l1_loss(recon, x) + edges + self.kl_weight * posterior.kl().mean()
+        if not vae.encoder.conv_in.weight.requires_grad:
+            objects = torch.from_numpy(np.stack([np.any(r.masks, axis=0) for r in rendered]))[:, None].float()
+            loss = loss + ((recon - x).abs() * objects).sum() / (objects.sum() * 3).clamp(min=1)
         return loss, {"mse": mse.item(), "edges": edges.item()}
 
     def export(self, modules, zoo: Path) -> None:
@@ -148,10 +164,21 @@ def toy_scheduler() -> DDPMScheduler:
 
 class UnetRecipe:
     """The denoiser, trained on latents of the frozen VAE with the frozen CLIP text tower, 10% prompt
-    dropout for classifier-free guidance and an EMA copy; exported as the full ``t2i`` pipeline."""
+    dropout for classifier-free guidance and an EMA copy; exported as the full ``t2i`` pipeline.
 
-    name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 12000, 5e-4, 0.995, 32
+    Constant learning rate and a short EMA for ``constant_steps``, then a linear decay to 5% with a longer EMA:
+    at the end of the constant phase the sampled single objects had the right colour only 66% of the time and
+    the right size 64% (guidance 3), the weights still moving too much to settle attribute details."""
+
+    name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 20000, 5e-4, 0.995, 32
+    constant_steps, final_lr_fraction, decay_ema = 12000, 0.05, 0.999
     prompt_dropout = 0.1
+
+    def at_step(self, step: int, modules, opt) -> None:
+        progress = max(0.0, (step - self.constant_steps) / (self.steps - self.constant_steps))
+        for group in opt.param_groups:
+            group["lr"] = self.lr * (1 - (1 - self.final_lr_fraction) * progress)
+        self.ema = type(self).ema if step < self.constant_steps else self.decay_ema
 
     def __init__(self) -> None:
         self.tokenizer = toy_tokenizer()
@@ -180,8 +207,10 @@ class UnetRecipe:
         return F.mse_loss(pred, noise), {}
 
     def export(self, modules, zoo: Path) -> None:
+        # The zoo's VAE, not the one loaded at the start: a decoder refined meanwhile (same encoder) is the one to ship.
+        vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32)
         pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
+            vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
             scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
