@@ -341,26 +341,18 @@ def toy_pretrain(
     threads: Annotated[int, typer.Option(help="CPU threads for this process.")] = 1,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this long (checkpointed; rerun to resume).")] = None,
     force: Annotated[bool, typer.Option(help="Retrain models that are already in the zoo.")] = False,
+    jobs: Annotated[int, typer.Option(help="Models trained at once, one process each (independent ones only).")] = 1,
 ) -> None:
     """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
     from comat.models.hub import TOY_ZOO
-    from comat.toy.pretrain import PretrainConfig, read_training_record, train_recipe
+    from comat.toy.pretrain import PretrainConfig, pretrain_zoo
     from comat.toy.registry import RECIPES
 
     if only is not None and only not in RECIPES:
         raise ComatError(f"unknown toy model '{only}'; the zoo has {', '.join(RECIPES)}")
-    zoo = zoo or TOY_ZOO
     cfg = PretrainConfig(seed=seed or 0, threads=threads, max_minutes=max_minutes)
-    for name in [only] if only else list(RECIPES):
-        recipe = RECIPES[name]()
-        if read_training_record(zoo, name).get("steps", 0) >= recipe.steps and not force:
-            err.print(f"{name}: already in the zoo ({zoo / name}); --force retrains it")
-            continue
-        show = lambda step, total, row, name=name: err.print(f"{name} {step}/{total} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "step"))
-        done = train_recipe(recipe, cfg, zoo=zoo, work=work, progress=show)
-        err.print(f"{name}: {'exported to ' + str(zoo / name) if done else 'paused (checkpointed); rerun to resume'}")
-        if not done:
-            break
+    pretrain_zoo([RECIPES[only]] if only else list(RECIPES.values()), cfg, zoo=zoo or TOY_ZOO, work=work, jobs=jobs, force=force,
+                 log=err.print)
 
 
 @toy_app.command("eval-zoo")

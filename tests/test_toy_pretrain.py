@@ -1,9 +1,11 @@
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from comat.errors import ComatError
-from comat.toy.pretrain import PretrainConfig, train_recipe
+from comat.toy.pretrain import PretrainConfig, pretrain_zoo, train_recipe
 from comat.toy.recipes import corrupt
 from comat.toy.prompts import prompt_specs
 from comat.toy.world import sample_batch
@@ -107,3 +109,54 @@ def test_vae_second_phase_trains_the_decoder_alone(tmp_path):
     encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
     assert all(p.grad is None for p in encoder)
     assert all(p.grad is not None for p in vae.decoder.parameters())
+
+
+class FirstRecipe(LinearRecipe):
+    name, steps = "first", 4
+
+    def export(self, modules, zoo):
+        super().export(modules, zoo)
+        (zoo / "first.done").write_text(str(time.time()))
+
+
+class SecondRecipe(LinearRecipe):
+    """Needs ``first``; records whether ``first`` was finished when it started."""
+
+    name, requires, steps = "second", ("first",), 4
+
+    def build(self, zoo):
+        self.first_finished = (zoo / "first.done").is_file()
+        return super().build(zoo)
+
+    def export(self, modules, zoo):
+        (zoo / self.name).mkdir(parents=True)
+        (zoo / "second.saw_first").write_text(str(self.first_finished))
+
+
+class PausingRecipe(LinearRecipe):
+    name, steps = "pausing", 10**6
+
+
+class NeedsPausing(SecondRecipe):
+    name, requires = "needs_pausing", ("pausing",)
+
+
+def test_parallel_pretraining_waits_for_dependencies(tmp_path):
+    log = []
+    assert pretrain_zoo([FirstRecipe, SecondRecipe, LinearRecipe], PretrainConfig(), zoo=tmp_path, work=tmp_path / "w",
+                        jobs=2, log=log.append)
+    assert (tmp_path / "second.saw_first").read_text() == "True"
+    assert (tmp_path / "lin.pt").is_file() and len(log) == 3
+    log.clear()  # a second run finds everything in the zoo... once the toy records say so
+    for name in ("first", "second", "lin"):
+        (tmp_path / name / "training.json").write_text('{"steps": 4}' if name != "lin" else '{"steps": 12}')
+    assert pretrain_zoo([FirstRecipe, SecondRecipe, LinearRecipe], PretrainConfig(), zoo=tmp_path, work=tmp_path / "w",
+                        jobs=2, log=log.append)
+    assert all("already in the zoo" in line for line in log)
+
+
+def test_a_paused_model_holds_back_what_needs_it(tmp_path):
+    log = []
+    done = pretrain_zoo([PausingRecipe, NeedsPausing], PretrainConfig(max_minutes=0.0), zoo=tmp_path,
+                        work=tmp_path / "w", jobs=2, log=log.append)
+    assert not done and log == ["pausing: paused (checkpointed); rerun to resume"]
