@@ -27,3 +27,16 @@ def test_compare_scores_base_and_lora_on_the_same_prompts_and_seeds(tiny_sd_dir,
     assert any(r["delta"] != 0 for r in rows.values())  # the LoRA's images were scored, not the base's twice
     again = compare_t2i(tmp_path / "lora", cfg, zoo)
     assert again["rows"] == result["rows"]  # fixed seeds: the comparison is reproducible
+
+
+def test_eval_zoo_reports_every_bar_on_the_committed_zoo(tmp_path):
+    from comat.models.hub import TOY_ZOO
+    from comat.toy.eval_zoo import BARS, evaluate_zoo, write_report
+
+    result = evaluate_zoo(TOY_ZOO, ZooEvalConfig(judge_scenes=8, images_per_prompt=1, sample_steps=2))
+    assert [b["metric"] for b in result["bars"]] == [name for name, _, _ in BARS]
+    assert all(0 <= b["value"] <= 1 for b in result["bars"])
+    assert result["training"]["t2i"]["steps"] and result["training"]["t2i"]["train_seconds"]
+    json_path, md_path = write_report(result, tmp_path)
+    text = md_path.read_text()
+    assert "| vqa_accuracy | >= 0.97 |" in text and "total:" in text and json_path.is_file()

@@ -98,8 +98,10 @@ def evaluate_zoo(zoo: Path, cfg: ZooEvalConfig) -> dict:
     vqa = VqaJudge.load(ref("vqa"))
     detector = Detector.load(ref("grounding_dino"))
     metrics: dict[str, float] = {}
-    metrics.update({f"vqa_accuracy{'' if k == 'overall' else '.' + k}": v
-                    for k, v in vqa_accuracy(vqa, cfg.judge_scenes, cfg.seed).items()})
+    vqa_result = vqa_accuracy(vqa, cfg.judge_scenes, cfg.seed)
+    metrics["vqa_accuracy"] = vqa_result["accuracy"]
+    metrics.update({f"vqa_accuracy.{k}": vqa_result[k] for k in ("yes_no", "attribute")})
+    metrics.update({f"vqa_accuracy.{k}": v for k, v in vqa_result["per_kind"].items()})
     metrics["detector_recall"] = detector_recall(detector, cfg.judge_scenes, cfg.seed)
     metrics["segmenter_miou"] = segmenter_miou(
         load_segmenter(ref("grounding_dino"), ref("sam"), sam_type="custom"), cfg.judge_scenes, cfg.seed)
