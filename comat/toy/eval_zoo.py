@@ -148,7 +148,7 @@ def write_report(result: dict, out: Path) -> tuple[Path, Path]:
               for b in result["bars"]]
     extra = {k: v for k, v in result["metrics"].items() if k not in {b["metric"] for b in result["bars"]}}
     lines += ["", "Other measurements:", ""] + [f"- {k}: {v:.4f}" for k, v in extra.items()]
-    lines += ["", "Pretraining (steps, CPU seconds):", ""]
+    lines += ["", "Pretraining (steps; wall seconds of each single-threaded run, as recorded in its training.json):", ""]
     lines += [f"- {k}: {v['steps']} steps, {v['train_seconds']} s" for k, v in result["training"].items()]
     total = sum(v["train_seconds"] or 0 for v in result["training"].values())
     lines += [f"- total: {total / 3600:.2f} h", "", "Protocol: " + ", ".join(f"{k}={v}" for k, v in result["protocol"].items()),
