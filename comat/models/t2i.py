@@ -69,20 +69,14 @@ def load_t2i(
         raise ComatError(f"'{ref}' is a {class_name}; supported pipelines are {', '.join(PIPELINES)}")
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if class_name == "StableDiffusionPipeline" else {}
     from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     bars = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()  # a bar per component load buries the tool's own output
-    # The toy text encoder is read from the whole toy CLIP file; transformers would print a table of the
-    # vision tensors it skips (by design) on every load.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
     try:
         pipe = PIPELINES[class_name].from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, EnvironmentError) as e:
         raise ComatError(f"could not load pipeline '{ref}': {str(e).splitlines()[0]} (weights must be .safetensors)") from None
     finally:
-        transformers_logging.set_verbosity(verbosity)
         if bars:
             diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)

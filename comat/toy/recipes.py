@@ -117,6 +117,7 @@ class VaeRecipe:
 
     name, requires, steps, lr, ema, batch = "vae", (), 5000, 1e-3, 0.0, 16
     encoder_steps = 3000
+    decoder_only = False  # set by at_step
     kl_weight = 1e-6
 
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
@@ -129,9 +130,9 @@ class VaeRecipe:
 
     def at_step(self, step: int, modules, opt) -> None:
         vae = modules["vae"]
-        frozen = step >= self.encoder_steps
-        vae.encoder.requires_grad_(not frozen)
-        vae.quant_conv.requires_grad_(not frozen)
+        self.decoder_only = step >= self.encoder_steps
+        vae.encoder.requires_grad_(not self.decoder_only)
+        vae.quant_conv.requires_grad_(not self.decoder_only)
 
     def loss(self, modules, rng):
         images, _, rendered = sample_batch(self.batch, rng)
@@ -143,7 +144,7 @@ class VaeRecipe:
         # Stripes and dots cover little of the image; matching image gradients keeps their edges sharp.
         edges = sum(F.l1_loss(recon.diff(dim=d), x.diff(dim=d)) for d in (2, 3))
         loss = mse + F.l1_loss(recon, x) + edges + self.kl_weight * posterior.kl().mean()
-        if not vae.encoder.conv_in.weight.requires_grad:
+        if self.decoder_only:
             objects = torch.from_numpy(np.stack([np.any(r.masks, axis=0) for r in rendered]))[:, None].float()
             loss = loss + ((recon - x).abs() * objects).sum() / (objects.sum() * 3).clamp(min=1)
         return loss, {"mse": mse.item(), "edges": edges.item()}
