@@ -56,6 +56,38 @@ def test_hard_negatives_change_the_binding_not_the_words():
         assert sorted(negative.text.split()) == sorted(spec.text.split())  # a swap: same words, other binding
 
 
+class RestartingRecipe(LinearRecipe):
+    """A second stage from step 6 that starts from the (EMA) weights an export at step 6 ships."""
+
+    restart_step = 6
+
+    def load_export(self, modules, zoo):
+        modules["lin"].load_state_dict(torch.load(zoo / "lin.pt", weights_only=True))
+
+    def export(self, modules, zoo):
+        (zoo / self.name).mkdir(parents=True, exist_ok=True)
+        torch.save(modules["lin"].state_dict(), zoo / "lin.pt")
+
+
+def test_a_later_stage_continues_from_the_export_alone(tmp_path):
+    import shutil
+
+    train_recipe(RestartingRecipe(), PretrainConfig(), zoo=tmp_path / "a", work=tmp_path / "wa")
+    shipped = RestartingRecipe()
+    shipped.steps = 6  # the model as exported before the second stage existed
+    train_recipe(shipped, PretrainConfig(), zoo=tmp_path / "b", work=tmp_path / "wb")
+    shutil.rmtree(tmp_path / "wb")  # its training checkpoints are gone (another machine)
+    assert train_recipe(RestartingRecipe(), PretrainConfig(), zoo=tmp_path / "b", work=tmp_path / "wb2")
+    a = torch.load(tmp_path / "a" / "lin.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "lin.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    from comat.toy.pretrain import read_training_record
+
+    record = read_training_record(tmp_path / "b", "lin")
+    assert record["steps"] == 12 and record["continued_from"]["steps"] == 6
+
+
 class PhasedRecipe(LinearRecipe):
     """The bias trains for the first phase only; the learning rate halves in the second."""
 
@@ -86,29 +118,46 @@ def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
 
     recipe = UnetRecipe()
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    middle = (recipe.constant_steps + recipe.steps) // 2
+    middle = (recipe.constant_steps + recipe.decay_steps) // 2
     for step, lr, ema in ((0, recipe.lr, 0.995), (recipe.constant_steps - 1, recipe.lr, 0.995),
                           (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema),
-                          (recipe.steps, recipe.lr * recipe.final_lr_fraction, recipe.decay_ema)):
+                          (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / 8000), recipe.decay_ema),
+                          (recipe.restart_step, recipe.restart_lr, recipe.decay_ema),
+                          (recipe.steps - 1, recipe.restart_lr, recipe.decay_ema)):
         recipe.at_step(step, {}, opt)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema
 
 
-def test_vae_second_phase_trains_the_decoder_alone(tmp_path):
+def test_min_snr_weights_match_the_formula():
+    from comat.toy.recipes import min_snr_weights, toy_scheduler
+
+    scheduler = toy_scheduler()
+    t = torch.tensor([0, 300, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > 5 > snr[2]
+    expected = [5 / snr[0], min(snr[1], 5) / snr[1], 1.0]
+    torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0).double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_vae_second_stage_trains_the_decoder_alone_and_the_third_everything(tmp_path):
     from comat.toy.recipes import VaeRecipe
 
     recipe = VaeRecipe()
     modules = recipe.build(tmp_path)
     vae = modules["vae"]
     recipe.at_step(recipe.encoder_steps - 1, modules, None)
-    assert all(p.requires_grad for p in vae.parameters())
-    recipe.at_step(recipe.encoder_steps, modules, None)
+    assert all(p.requires_grad for p in vae.parameters()) and not recipe.object_weight
     recipe.batch = 2
-    loss, _ = recipe.loss(modules, np.random.default_rng(0))
-    loss.backward()
     encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
-    assert all(p.grad is None for p in encoder)
-    assert all(p.grad is not None for p in vae.decoder.parameters())
+    for step, encoder_trains in ((recipe.encoder_steps, False), (recipe.restart_step, True)):
+        recipe.at_step(step, modules, None)
+        vae.zero_grad(set_to_none=True)
+        loss, _ = recipe.loss(modules, np.random.default_rng(0))
+        loss.backward()
+        assert recipe.object_weight
+        assert all((p.grad is not None) == encoder_trains for p in encoder)
+        assert all(p.grad is not None for p in vae.decoder.parameters())
 
 
 class FirstRecipe(LinearRecipe):

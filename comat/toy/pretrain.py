@@ -45,6 +45,9 @@ class Recipe(Protocol):
 
     # Optional: ``at_step(step, modules, opt)`` runs before every step, for recipes whose schedule has phases
     # (a learning-rate decay, a frozen encoder); it is called again after a resume, so phases survive one.
+    # Optional: ``restart_step`` with ``load_export(modules, zoo)``: a later stage that starts from the exported
+    # weights (the EMA where there is one) with a fresh optimizer and data stream. A zoo model exported at that
+    # step continues from its export alone, so a stage can be added after the work checkpoints are gone.
 
     def loss(self, modules: dict[str, torch.nn.Module], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         """One batch: draw scenes from ``rng``, return the loss and numbers to log."""
@@ -94,9 +97,19 @@ def train_recipe(
     ema = _ema_copy(modules) if recipe.ema else {}
     ckpt = work / recipe.name / "last"
     step, elapsed = 0, 0.0
+    restart = getattr(recipe, "restart_step", None)
+    exported = read_training_record(zoo, recipe.name)
+    continued = None
     if ckpt.exists():
         state = load_checkpoint(ckpt, modules={**modules, **{f"ema_{k}": m for k, m in ema.items()}}, optimizers={"opt": opt}, rng=rng)
         step, elapsed = state["step"], state["extra"]["elapsed_s"]
+        continued = state["extra"].get("continued_from")
+    elif restart is not None and exported.get("steps") == restart:
+        recipe.load_export(modules, zoo)
+        for k, shadow in ema.items():
+            shadow.load_state_dict(modules[k].state_dict())
+        step, elapsed = restart, float(exported.get("train_seconds") or 0)
+        continued = {"steps": restart, "train_seconds": exported.get("train_seconds"), "from": "zoo export (float16)"}
     log_path = work / recipe.name / "log.csv"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start, last_ckpt = time.monotonic(), time.monotonic()
@@ -104,13 +117,15 @@ def train_recipe(
     def checkpoint() -> None:
         save_checkpoint(
             ckpt, step=step, modules={**modules, **{f"ema_{k}": m for k, m in ema.items()}}, optimizers={"opt": opt},
-            rng=rng, extra={"elapsed_s": elapsed + time.monotonic() - start},
+            rng=rng, extra={"elapsed_s": elapsed + time.monotonic() - start, "continued_from": continued},
         )
 
     for m in modules.values():
         m.train()
     at_step = getattr(recipe, "at_step", None)
     while step < recipe.steps:
+        if step == restart:
+            rng = _restart(modules, ema, opt, cfg.seed, step)
         if at_step:
             at_step(step, modules, opt)
         loss, logs = recipe.loss(modules, rng)
@@ -150,9 +165,22 @@ def train_recipe(
         zoo / recipe.name / "training.json",
         {"recipe": recipe.name, "steps": recipe.steps, "lr": recipe.lr, "seed": cfg.seed, "ema": recipe.ema,
          "train_seconds": round(elapsed + time.monotonic() - start), "threads": cfg.threads,
-         "environment": environment()},
+         **({"continued_from": continued} if continued else {}), "environment": environment()},
     )
     return True
+
+
+@torch.no_grad()
+def _restart(modules: dict[str, torch.nn.Module], ema: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+             seed: int, step: int) -> np.random.Generator:
+    """Start a stage from the weights an export at ``step`` would ship; returns the stage's data stream.
+
+    A run from scratch and one continued from the float16 export then differ by that rounding alone."""
+    for k, shadow in ema.items():
+        modules[k].load_state_dict(shadow.state_dict())
+    opt.state.clear()
+    torch.manual_seed(seed + step)
+    return np.random.default_rng([seed, step])
 
 
 def export_fp16(model: torch.nn.Module, directory: Path, **kwargs) -> None:
