@@ -187,7 +187,10 @@ class UnetRecipe:
 
     Constant learning rate and a short EMA for ``constant_steps``, then a linear decay to 5% with a longer EMA:
     at the end of the constant phase the sampled single objects had the right colour only 66% of the time and
-    the right size 64% (guidance 3), the weights still moving too much to settle attribute details."""
+    the right size 64% (guidance 3), the weights still moving too much to settle attribute details. From
+    ``restart_step`` a third stage on the latents of the VAE's third stage (which moved them by 12%) with min-SNR-5
+    weighting: single-object acceptance at guidance 4 went from 0.51 to 0.62 (colour 0.80 -> 0.89, texture 0.80 ->
+    0.93, size 0.59 -> 0.61; 240 samples)."""
 
     name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 26000, 5e-4, 0.995, 32
     constant_steps, decay_steps, final_lr_fraction, decay_ema = 12000, 20000, 0.05, 0.999
