@@ -190,7 +190,8 @@ class UnetRecipe:
     the right size 64% (guidance 3), the weights still moving too much to settle attribute details. From
     ``restart_step`` a third stage on the latents of the VAE's third stage (which moved them by 12%) with min-SNR-5
     weighting: single-object acceptance at guidance 4 went from 0.51 to 0.62 (colour 0.80 -> 0.89, texture 0.80 ->
-    0.93, size 0.59 -> 0.61; 240 samples)."""
+    0.93, size 0.59 -> 0.61; 240 samples). The shipped UNet spent its first 20000 steps on the VAE before that stage;
+    a run from scratch trains on the finished VAE throughout."""
 
     name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 26000, 5e-4, 0.995, 32
     constant_steps, decay_steps, final_lr_fraction, decay_ema = 12000, 20000, 0.05, 0.999
@@ -239,7 +240,7 @@ class UnetRecipe:
         return (per_sample * min_snr_weights(self.scheduler, t, self.snr_gamma)).mean(), {}
 
     def export(self, modules, zoo: Path) -> None:
-        # The zoo's VAE, not the one loaded at the start: a decoder refined meanwhile (same encoder) is the one to ship.
+        # The zoo's VAE as it is now: it is the one this UNet's last stage was trained on.
         vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32)
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
