@@ -4,13 +4,16 @@ A matrix is data: a benchmark, its metrics, and cells, each a training-config de
 untouched) with the paper's numbers beside it. Every (cell, seed) is a directory holding its training run, its
 evaluation and, once both finished, ``cell.json``; a rerun skips finished cells, resumes a half-trained one from its
 checkpoint, and retries failed ones. The engine's image cache and the real-latent cache are shared, so the base
-model's images are generated once for all cells and seeds. ``--shard i/n`` runs every n-th cell (one process per GPU);
+model's images are generated once for all cells and seeds; cells whose training configs resolve to the same thing
+(the full model of one matrix is the default cell of another) share one training run under ``<out>/trained/``. ``--shard i/n`` runs every n-th cell (one process per GPU);
 a final run without ``--shard`` only assembles the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import re
@@ -117,10 +120,35 @@ def _shard(spec: str | None) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir: Path,
+def trained_run_dir(runs: Path, train_cfg: Any) -> Path:
+    """Where the training run of ``train_cfg`` lives: keyed by the resolved config and the base model's weights
+    (captioners and judges are keyed by their names in the config)."""
+    from comat.fingerprint import model_fingerprint
+
+    key = {"config": dataclasses.asdict(train_cfg), "model_sha256": model_fingerprint(train_cfg.model)}
+    return runs / hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_shared(train_cfg: Any, runs: Path, device: str, log: Callable[[str], None]) -> Path:
+    """Train once per distinct config; a shard that meets a run another shard is training waits for it."""
+    from comat.train import train
+
+    run_dir = trained_run_dir(runs, train_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = run_dir / "done.json"
+        if done.is_file():
+            log(f"training run {run_dir} already done: shared")
+            return Path(json.loads(done.read_text())["lora"])
+        lora = train(train_cfg, run_dir, device=device, log=log)
+        atomic_write_json(done, {"lora": str(lora)})
+    return lora
+
+
+def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir: Path, runs: Path,
              log: Callable[[str], None]) -> dict:
     from benchmarks.runner import EvalConfig, evaluate
-    from comat.train import train
     from comat.train_config import load_train_config
 
     start = time.perf_counter()
@@ -128,7 +156,7 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir:
     train_cfg = load_train_config(cfg.model, None, sets + matrix.overrides(cell))
     lora = None
     if cell.train is not None:
-        lora = str(train(train_cfg, cell_dir / "train", device=cfg.device, log=log))
+        lora = str(train_shared(train_cfg, runs, cfg.device, log))
     trained_s = time.perf_counter() - start
     result = evaluate(matrix.benchmark, EvalConfig(model=train_cfg.model, ckpt=lora, limit=cfg.limit,
                                                    device=cfg.device, options=dict(matrix.eval_options)),
@@ -162,7 +190,7 @@ def run_ablation(name: str, cfg: AblateConfig, out: Path, log: Callable[[str], N
                 continue
             log(f"{matrix.name}: {cell.name} seed {seed}")
             try:
-                record = run_cell(matrix, cell, seed, cfg, cell_dir, log)
+                record = run_cell(matrix, cell, seed, cfg, cell_dir, out / "trained", log)
             except Exception as e:  # a failed cell is reported in the table; the others still run
                 message = str(e).splitlines()[0] if str(e) else type(e).__name__
                 record = {"status": "failed", "cell": cell.name, "seed": seed, "error": f"{type(e).__name__}: {message}",

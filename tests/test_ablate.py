@@ -51,7 +51,7 @@ def test_table_on_fixed_records():
 def fake_cells(monkeypatch):
     calls = []
 
-    def run_cell(matrix, cell, seed, cfg, cell_dir, log):
+    def run_cell(matrix, cell, seed, cfg, cell_dir, runs, log):
         calls.append((cell.name, seed))
         if cell.name == "+CA" and seed == 1 and not getattr(run_cell, "healed", False):
             raise RuntimeError("diverged\nsecond line")
@@ -86,10 +86,10 @@ def test_killed_run_resumes_without_recomputing(fake_cells, tmp_path, monkeypatc
     calls, run_cell = fake_cells
     run_cell.healed = True
 
-    def killed(matrix, cell, seed, cfg, cell_dir, log):
+    def killed(matrix, cell, seed, cfg, cell_dir, runs, log):
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process dies: nothing is written for this cell
-        return run_cell(matrix, cell, seed, cfg, cell_dir, log)
+        return run_cell(matrix, cell, seed, cfg, cell_dir, runs, log)
 
     monkeypatch.setattr(ablate, "run_cell", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -111,3 +111,32 @@ def test_shards_split_cells_and_the_final_run_only_assembles(fake_cells, tmp_pat
     assert calls == [] and result["csv"][2]["seeds"] == 2
     with pytest.raises(ComatError, match="must be i/n"):
         run_ablation("demo", AblateConfig(shard="2/2"), tmp_path)
+
+
+def test_cells_with_the_same_resolved_config_share_one_training_run(tmp_path, monkeypatch):
+    import comat.train
+    from comat.train_config import load_train_config
+
+    trained = []
+
+    def fake_train(cfg, out, device, log):
+        trained.append(out)
+        if cfg.seed == 7:
+            raise KeyboardInterrupt  # killed mid-training: the run is not marked done
+        (out / "lora").mkdir()
+        return out / "lora"
+
+    monkeypatch.setattr(comat.train, "train", fake_train)
+    runs = tmp_path / "trained"
+    full = load_train_config("toy", None, ("steps=5",))
+    same = load_train_config("toy", None, ("steps=5", "mixed_latent.enabled=true", "captioner.kind=blip"))
+    other = load_train_config("toy", None, ("steps=5", "mixed_latent.enabled=false"))
+    lora = ablate.train_shared(full, runs, "cpu", print)
+    assert ablate.train_shared(same, runs, "cpu", print) == lora and len(trained) == 1
+    assert ablate.train_shared(other, runs, "cpu", print) != lora and len(trained) == 2
+    killed = load_train_config("toy", None, ("steps=5", "seed=7"))
+    with pytest.raises(KeyboardInterrupt):
+        ablate.train_shared(killed, runs, "cpu", print)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.train_shared(killed, runs, "cpu", print)
+    assert trained[2] == trained[3] and len(trained) == 4  # retried in the same directory, to resume its checkpoint

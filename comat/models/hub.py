@@ -29,7 +29,9 @@ def resolve_model_path(ref: str | os.PathLike, *, subfolder: str | None = None) 
     if ref == "toy" or ref.startswith("toy/"):
         path = TOY_ZOO / (ref[4:] or "t2i")
         if not path.is_dir():
-            raise ComatError(f"toy model '{ref}' is not in the zoo ({path}); build it with `comat toy pretrain`")
+            have = ", ".join(sorted(p.name for p in TOY_ZOO.iterdir() if p.is_dir())) if TOY_ZOO.is_dir() else "nothing"
+            raise ComatError(f"toy model '{ref}' is not in the zoo ({TOY_ZOO} has {have}); `comat toy pretrain` "
+                             "builds the zoo's models, and the toy world has no others")
         return path / subfolder if subfolder else path
     path = Path(ref).expanduser()
     if path.is_dir():
