@@ -210,9 +210,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def table_rows(matrix: Matrix, records: list[dict], world: str) -> tuple[list[dict], list[dict], list[str]]:
     """Markdown rows (mean +- std and delta vs base), CSV rows (numbers), and a line per cell on whether the measured
-    direction of change against the base row agrees with the paper's."""
+    direction of change against the base row agrees with the paper's (``_agreement``)."""
     md, csv_rows, agreement = [], [], []
     means: dict[str, dict[str, float]] = {}
+    errors: dict[str, dict[str, float]] = {}  # standard error of each mean over seeds
     for cell in matrix.cells:
         mine = [r for r in records if r["cell"] == cell.name]
         done = [r for r in mine if r["status"] == "done"]
@@ -220,10 +221,10 @@ def table_rows(matrix: Matrix, records: list[dict], world: str) -> tuple[list[di
         row_md = {"row": cell.name, "source": f"measured ({world}, {len(done)} seeds)"}
         row_csv = {"row": cell.name, "source": "measured", "seeds": len(done), "failed": len(failed)}
         if done:
-            means[cell.name] = {}
+            means[cell.name], errors[cell.name] = {}, {}
             for m in matrix.metrics:
                 mean, std = _mean_std([r["metrics"][m] for r in done])
-                means[cell.name][m] = mean
+                means[cell.name][m], errors[cell.name][m] = mean, std / math.sqrt(len(done))
                 delta = mean - means[matrix.base.name][m] if matrix.base.name in means else None
                 row_md[m] = f"{mean:.4f} ± {std:.4f}" + (f" ({delta:+.4f})" if delta is not None and cell != matrix.base else "")
                 row_csv.update({f"{m}": mean, f"{m}_std": std, f"{m}_delta": delta})
@@ -239,22 +240,44 @@ def table_rows(matrix: Matrix, records: list[dict], world: str) -> tuple[list[di
                           for m in matrix.metrics if m in cell.paper}})
             csv_rows.append({"row": cell.name, "source": "paper", **{m: cell.paper.get(m) for m in matrix.metrics}})
         if cell != matrix.base and cell.name in means and matrix.base.name in means and cell.paper:
-            agreement.append(_agreement(matrix, cell, means))
+            agreement.append(_agreement(matrix, cell, means, errors))
+    agreement += [_ordering(matrix, m, means) for m in matrix.metrics]
     return md, csv_rows, agreement
 
 
-def _agreement(matrix: Matrix, cell: Cell, means: dict[str, dict[str, float]]) -> str:
+def _ordering(matrix: Matrix, metric: str, means: dict[str, dict[str, float]]) -> str:
+    """The rows ranked best first by the paper and by the measurement, and Kendall's tau between the two rankings."""
+    from scipy.stats import kendalltau
+
+    rows = [c.name for c in matrix.cells if metric in c.paper and c.name in means]
+    if len(rows) < 2:
+        return f"{metric}: fewer than two rows measured with a paper value; no ordering to compare"
+    rank = lambda value: sorted(rows, key=value, reverse=not matrix.lower_is_better)  # noqa: E731
+    paper = rank(lambda n: next(c.paper[metric] for c in matrix.cells if c.name == n))
+    measured = rank(lambda n: means[n][metric])
+    tau = kendalltau([paper.index(n) for n in rows], [measured.index(n) for n in rows]).statistic
+    return f"{metric} ordering, best first: paper {' > '.join(paper)}; measured {' > '.join(measured)} (Kendall tau {tau:+.2f})"
+
+
+def _agreement(matrix: Matrix, cell: Cell, means: dict[str, dict[str, float]],
+               errors: dict[str, dict[str, float]]) -> str:
+    """Per metric: the measured change against the base row agrees or differs in sign with the paper's, or is
+    unresolved when it is under two standard errors of the difference of the two seed means."""
     sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
-    same, differ = [], []
+    verdicts: dict[str, list[str]] = {"agrees with the paper on": [], "differs on": [], "unresolved (|delta| < 2 SE) on": []}
     for m in matrix.metrics:
         if m not in cell.paper or m not in matrix.base.paper:
             continue
-        ours = sign(means[cell.name][m] - means[matrix.base.name][m])
-        theirs = sign(cell.paper[m] - matrix.base.paper[m])
-        (same if ours == theirs else differ).append(m)
+        delta = means[cell.name][m] - means[matrix.base.name][m]
+        if abs(delta) < 2 * math.hypot(errors[cell.name][m], errors[matrix.base.name][m]):
+            verdicts["unresolved (|delta| < 2 SE) on"].append(m)
+        elif sign(delta) == sign(cell.paper[m] - matrix.base.paper[m]):
+            verdicts["agrees with the paper on"].append(m)
+        else:
+            verdicts["differs on"].append(m)
     word = "lower" if matrix.lower_is_better else "higher"
-    return (f"{cell.name}: direction of change against {matrix.base.name} ({word} is better) agrees with the paper on "
-            f"{', '.join(same) or 'no metric'}" + (f"; differs on {', '.join(differ)}" if differ else ""))
+    return (f"{cell.name}: change against {matrix.base.name} ({word} is better) "
+            + "; ".join(f"{k} {', '.join(v)}" for k, v in verdicts.items() if v))
 
 
 def write_table(matrix: Matrix, cfg: AblateConfig, root: Path) -> dict:

@@ -35,16 +35,22 @@ def test_table_on_fixed_records():
     records = [
         {"status": "done", "cell": "base", "seed": 0, "metrics": {"color": 0.2, "shape": 0.5}},
         {"status": "done", "cell": "base", "seed": 1, "metrics": {"color": 0.4, "shape": 0.5}},
-        {"status": "done", "cell": "+CA", "seed": 0, "metrics": {"color": 0.5, "shape": 0.6}},
+        {"status": "done", "cell": "+CA", "seed": 0, "metrics": {"color": 0.9, "shape": 0.6}},
         {"status": "failed", "cell": "+CA", "seed": 1, "error": "ValueError: boom"},
     ]
     md, rows, agreement = table_rows(MATRIX, records, "toy world")
     assert md[0] == {"row": "base", "source": "measured (toy world, 2 seeds)", "color": "0.3000 ± 0.1414", "shape": "0.5000 ± 0.0000"}
     assert md[1] == {"row": "base", "source": "paper (SDXL)", "color": "0.5000", "shape": "0.4000"}
-    assert md[2]["color"] == "0.5000 ± 0.0000 (+0.2000)" and "failed: ValueError: boom" in md[2]["source"]
+    assert md[2]["color"] == "0.9000 ± 0.0000 (+0.6000)" and "failed: ValueError: boom" in md[2]["source"]
     assert md[3] == {"row": "+CA", "source": "paper (SDXL)", "color": "0.7000 (+0.2000)", "shape": "0.3000 (-0.1000)"}
-    assert rows[2]["color_delta"] == pytest.approx(0.2) and rows[2]["failed"] == 1 and rows[2]["seeds"] == 1
-    assert agreement == ["+CA: direction of change against base (higher is better) agrees with the paper on color; differs on shape"]
+    assert rows[2]["color_delta"] == pytest.approx(0.6) and rows[2]["failed"] == 1 and rows[2]["seeds"] == 1
+    assert agreement == ["+CA: change against base (higher is better) agrees with the paper on color; differs on shape",
+                         "color ordering, best first: paper +CA > base; measured +CA > base (Kendall tau +1.00)",
+                         "shape ordering, best first: paper base > +CA; measured +CA > base (Kendall tau -1.00)"]
+    # A change under two standard errors of the difference of the seed means is not called either way.
+    records[2]["metrics"]["color"] = 0.45  # base 0.3 with SE 0.1: |delta| 0.15 < 2 SE
+    assert table_rows(MATRIX, records, "toy world")[2][0] == (
+        "+CA: change against base (higher is better) differs on shape; unresolved (|delta| < 2 SE) on color")
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def test_page_gathers_every_table_curve_and_grid(run, tmp_path):
         assert table in page, table
     # the two summaries are inlined with their bars; the five evaluations are folded under them
     assert "### A two-cell matrix" in page and "### CoMat on the toy world" in page
-    assert page.count("<details>") == 5 and "+CA: direction of change against base" in page
+    assert page.count("<details>") == 5 and "+CA: change against base" in page
     names = sorted(p.name for p in result["figures"])
     assert names == ["bars-demo-demo.png", "bars-mini.png", "curves-demo.png", "curves-mini.png",
                      "grid-demo-comat-t2i-compbench.png", "grid-mini-cells-ca-seed0-eval-t2i-compbench.png",
