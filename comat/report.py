@@ -4,8 +4,10 @@ Everything is found by globbing, not by assuming the layout of ``comat ablate``,
 
 - tables: every ``*.md`` with a sibling ``*.csv``. Summary tables (an ablation matrix, the demo's comparison) are
   inlined with per-category bars from their CSV; the per-evaluation tables they summarise are inlined folded.
-- training logs: every ``log.csv`` in a ``train/`` directory (``comat train``'s ``_Log``: ``step`` plus every logged
-  term), drawn as curves, one figure per top-level directory of the run, one line per cell/seed.
+- training logs: every ``log.csv`` in a ``train/`` directory or in a training directory that an ablation cell's
+  ``cell.json`` names (cells whose configs resolve alike share one, under ``trained/``) (``comat train``'s ``_Log``:
+  ``step`` plus every logged term), drawn as curves, one figure per top-level directory of the run (a shared training
+  run in the figure of each matrix that used it), one line per cell/seed.
 - evaluations: every ``*.samples.jsonl`` whose records are per-image (``id``, ``seed``, ``prompt``, ``image``). The
   evaluation's own ``manifest.json`` (or the ablation cell's ``cell.json``) tells whether a LoRA was applied; each
   fine-tuned evaluation is paired with the nearest base evaluation of the same benchmark, image by image on
@@ -157,8 +159,30 @@ def _split_title(md: Path) -> tuple[str | None, list[str]]:
     return (None if at is None else lines[at][2:].strip()), [line for i, line in enumerate(lines) if i != at]
 
 
-def find_logs(run: Path, skip: Path) -> list[Path]:
-    return [p for p in _walk(run, "log.csv", skip) if p.parent.name == "train"]
+def _locate(recorded: str, run: Path) -> Path | None:
+    """A path a record holds (absolute, or relative to where the command ran) as it is found now: the run may have
+    moved or the report be written from elsewhere, so the longest tail of the path that exists under the run counts."""
+    path = Path(recorded)
+    for candidate in [path] + [run.joinpath(*path.parts[k:]) for k in range(1, len(path.parts))]:
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def cell_trainings(run: Path, skip: Path) -> dict[Path, list[tuple[str, str]]]:
+    """Training directory -> (top-level directory of the run, '<cell> seed <k>') of each ablation cell whose LoRA it
+    trained."""
+    users: dict[Path, list[tuple[str, str]]] = {}
+    for record in _walk(run, "cell.json", skip):
+        lora = _read_json(record).get("lora")
+        if lora and (training := _locate(str(Path(lora).parent), run)) is not None:
+            group = record.parent.relative_to(run).parts[0] if record.parent != run else run.name
+            users.setdefault(training, []).append((group, _cell(record.parent) or ""))
+    return users
+
+
+def find_logs(run: Path, skip: Path, trainings: dict[Path, Any]) -> list[Path]:
+    return [p for p in _walk(run, "log.csv", skip) if p.parent.name == "train" or p.parent.resolve() in trainings]
 
 
 def find_evaluations(run: Path, skip: Path) -> list[Evaluation]:
@@ -232,7 +256,8 @@ def training_curves(logs: dict[str, Path], title: str, path: Path) -> Path:
     terms = list(dict.fromkeys(c for f in frames.values() for c in f.columns if c not in LOG_SKIP))
     cols = min(3, len(terms)) or 1
     rows = math.ceil(len(terms) / cols) or 1
-    fig = Figure(figsize=(4.2 * cols, 2.9 * rows + 0.6), layout="constrained")
+    legend_rows = math.ceil(len(frames) / 3)
+    fig = Figure(figsize=(4.2 * cols, 2.9 * rows + 0.6 + 0.2 * legend_rows), layout="constrained")
     fig.suptitle(title)
     names = list(dict.fromkeys(label.split(" seed ")[0] for label in frames))
     palette = [f"C{i % 10}" for i in range(len(names))]
@@ -256,8 +281,9 @@ def training_curves(logs: dict[str, Path], title: str, path: Path) -> Path:
             ax.plot(frame["step"], frame[term].rolling(window, min_periods=1).mean(), color=color,
                     linestyle=style, linewidth=1.4, label=label,
                     marker="o" if len(frame) == 1 else None)  # a one-step log has no line to draw
-        if k == 0:
-            ax.legend(fontsize=7)
+    # One legend under the panels: inside a panel, a matrix's cells times seeds would cover (and collapse) it.
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", fontsize=7, ncols=min(len(handles), 3) or 1)
     return _png(fig, path)
 
 
@@ -298,7 +324,9 @@ def category_bars(csv: Path, title: str, path: Path) -> Path | None:
     if found is None:
         return None
     categories, series, errors = found
-    fig = Figure(figsize=(max(5.0, 0.35 * len(categories) * (len(series) + 1) + 1.5), 3.6), layout="constrained")
+    legend_rows = math.ceil(len(series) / 3)
+    fig = Figure(figsize=(max(6.4, 0.35 * len(categories) * (len(series) + 1) + 1.5), 3.4 + 0.2 * legend_rows),
+                 layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
@@ -308,7 +336,7 @@ def category_bars(csv: Path, title: str, path: Path) -> Path | None:
                yerr=err if err and not pd.isna(err).all() else None, capsize=2)
     ax.set_xticks(range(len(categories)), categories, fontsize=8)
     ax.set_title(title, fontsize=10, wrap=True)
-    ax.legend(fontsize=7, ncols=min(len(series), 4))
+    fig.legend(loc="outside lower center", fontsize=7, ncols=min(len(series), 3))  # long row names: not over bars
     return _png(fig, path)
 
 
@@ -420,16 +448,19 @@ def _unique(name: str, taken: set[str]) -> str:
     return name
 
 
-def _log_groups(logs: list[Path], run: Path) -> dict[str, dict[str, Path]]:
-    """Top-level directory of the run -> {line label -> log.csv}; a line is labelled by its ablation cell record, else
-    by its path under the group."""
+def _log_groups(logs: list[Path], run: Path, trainings: dict[Path, list[tuple[str, str]]]
+                ) -> dict[str, dict[str, Path]]:
+    """Figure -> {line label -> log.csv}: the figure of each ablation matrix whose cells a log trained, labelled by
+    cell and seed; any other log goes to its top-level directory of the run, labelled by its path under it."""
     groups: dict[str, dict[str, Path]] = {}
     for log in logs:
         parts = log.parent.parent.relative_to(run).parts
         group = parts[0] if parts else run.name
-        label = _cell(log.parent.parent) or "/".join(p for p in parts[1:] if p != "cells") or group
-        groups.setdefault(group, {})[label] = log
-    return groups
+        users = trainings.get(log.parent.resolve()) or [
+            (group, _cell(log.parent.parent) or "/".join(p for p in parts[1:] if p != "cells") or group)]
+        for figure, label in users:
+            groups.setdefault(figure, {})[label] = log
+    return {figure: dict(sorted(members.items())) for figure, members in groups.items()}  # cells in order, seeds within
 
 
 def write_report(run: Path, out: Path | None = None) -> dict[str, Any]:
@@ -468,12 +499,13 @@ def write_report(run: Path, out: Path | None = None) -> dict[str, Any]:
             page += [f"<details><summary>{_rel(t.md, run)}: {t.title}</summary>", "", _inline(t, out), "",
                      "</details>", ""]
 
-    logs = find_logs(run, figures)
+    trainings = cell_trainings(run, figures)
+    logs = find_logs(run, figures, trainings)
     if logs:
         page += ["## Training curves", "",
                  "Every term of each `log.csv` against the step; faint: raw, solid: trailing moving average over "
                  f"{SMOOTH} steps (a tenth of the log when shorter).", ""]
-        for group, members in _log_groups(logs, run).items():
+        for group, members in _log_groups(logs, run, trainings).items():
             path = training_curves(members, f"training: {group}", figure("curves", group))
             written.append(path)
             page += [f"### {group}", "", f"![training curves: {group}]({_rel(path, out)})", "",

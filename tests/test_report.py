@@ -85,14 +85,17 @@ def run(tmp_path: Path) -> Path:
     rows = [{"category": c, "base": 0.5, "comat": 0.6, "delta": 0.1} for c in PROMPTS]
     write_run(root / "demo", "demo", records=[], aggregate={}, rows=rows, manifest={"protocol": {"benchmark": BENCH}},
               title="CoMat on the toy world: toy T2I-CompBench, base vs fine-tuned")
-    # an ablation: the base cell (one seed) and +CA over two seeds, then comat.ablate's own table writer
+    # an ablation: the base cell (one seed) and +CA over two seeds, then comat.ablate's own table writer. Seed 0
+    # trained in its cell, seed 1 in the run's shared trained/ (as comat.ablate.train_shared does), its cell.json
+    # naming the LoRA by the path it had where the command ran (tmp_path).
     (tmp_path / "mini.yaml").write_text(MATRIX)
     matrix = load_matrix(str(tmp_path / "mini.yaml"))
     for cell, seed in (("base", 0), ("+CA", 0), ("+CA", 1)):
         cell_dir = root / "mini" / "cells" / ("base" if cell == "base" else "ca") / f"seed{seed}"
-        lora = None if cell == "base" else str(cell_dir / "train" / "lora")
+        train_dir = cell_dir / "train" if seed == 0 else root / "trained" / "0123abcd"
+        lora = None if cell == "base" else str(train_dir.relative_to(tmp_path) / "lora")
         if lora:
-            write_log(cell_dir / "train", 5, 0.1 * seed)
+            write_log(train_dir, 5, 0.1 * seed)
         write_eval(cell_dir / "eval", cache, lora)
         metrics = {"color": 0.5 + (0 if lora is None else 0.1 + 0.02 * seed), "shape": 0.4}
         (cell_dir / "cell.json").write_text(json.dumps({
@@ -128,6 +131,8 @@ def test_page_gathers_every_table_curve_and_grid(run, tmp_path):
         assert f"({path.relative_to(out).as_posix()})" in page
     # each fine-tuned evaluation is set beside the nearest base of its benchmark
     assert "### +CA seed 1 vs base seed 0 (t2i-compbench)" in page and "### demo/comat vs demo/base" in page
+    # the shared training run is drawn with the matrix whose cell it trained, labelled by cell and seed
+    assert "[+CA seed 1](../run/trained/0123abcd/log.csv)" in page and "curves-trained" not in page
     assert "Missing images" not in page and "Notes" not in page
     for target in links(page):  # relative links survive the move to another directory
         assert (out / target).is_file(), target
