@@ -146,14 +146,41 @@ def train_shared(train_cfg: Any, runs: Path, device: str, log: Callable[[str], N
     return lora
 
 
+def cell_train_config(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig) -> Any:
+    from comat.train_config import load_train_config
+
+    sets = tuple(cfg.set) + (f"seed={seed}",) + ((f"steps={cfg.steps}",) if cfg.steps else ())
+    return load_train_config(cfg.model, None, sets + matrix.overrides(cell))
+
+
+def cell_inputs(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig) -> dict:
+    """What a cell's result depends on: its training run (the key of ``trained_run_dir``: resolved config and base
+    weights) and its evaluation. A finished cell is reused only for the same inputs."""
+    train_cfg = cell_train_config(matrix, cell, seed, cfg)
+    return {"training": None if cell.train is None else trained_run_dir(Path(), train_cfg).name,
+            "model": train_cfg.model, "limit": cfg.limit, "eval_options": dict(matrix.eval_options)}
+
+
+def _reusable(record: dict, inputs: dict, cell_dir: Path) -> bool:
+    """Whether a cell.json can stand for this run's cell: done, and made from the same inputs (records written
+    before inputs were kept are taken as they are)."""
+    if record.get("status") != "done":
+        return False
+    if record.get("inputs", inputs) != inputs:
+        differ = [k for k in inputs if record["inputs"].get(k) != inputs[k]]
+        was = ", ".join(f"{k}={record['inputs'].get(k)}" for k in differ)
+        now = ", ".join(f"{k}={inputs[k]}" for k in differ)
+        raise ComatError(f"{cell_dir / 'cell.json'}: computed with {was}, this run asks for {now} (--steps, --limit "
+                         "or --set changed); give another --out, or remove that directory to recompute it")
+    return True
+
+
 def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir: Path, runs: Path,
              log: Callable[[str], None]) -> dict:
     from benchmarks.runner import EvalConfig, evaluate
-    from comat.train_config import load_train_config
 
     start = time.perf_counter()
-    sets = tuple(cfg.set) + (f"seed={seed}",) + ((f"steps={cfg.steps}",) if cfg.steps else ())
-    train_cfg = load_train_config(cfg.model, None, sets + matrix.overrides(cell))
+    train_cfg = cell_train_config(matrix, cell, seed, cfg)
     lora = None
     if cell.train is not None:
         lora = str(train_shared(train_cfg, runs, cfg.device, log))
@@ -185,7 +212,8 @@ def run_ablation(name: str, cfg: AblateConfig, out: Path, log: Callable[[str], N
                 continue
             cell_dir = root / "cells" / cell.slug / f"seed{seed}"
             done = cell_dir / "cell.json"
-            if done.is_file() and json.loads(done.read_text()).get("status") == "done":
+            inputs = cell_inputs(matrix, cell, seed, cfg)
+            if done.is_file() and _reusable(json.loads(done.read_text()), inputs, cell_dir):
                 log(f"{matrix.name}: {cell.name} seed {seed} already done")
                 continue
             log(f"{matrix.name}: {cell.name} seed {seed}")
@@ -196,7 +224,7 @@ def run_ablation(name: str, cfg: AblateConfig, out: Path, log: Callable[[str], N
                 record = {"status": "failed", "cell": cell.name, "seed": seed, "error": f"{type(e).__name__}: {message}",
                           "traceback": traceback.format_exc(limit=5)}
                 log(f"{matrix.name}: {cell.name} seed {seed} failed: {record['error']}")
-            atomic_write_json(done, record)
+            atomic_write_json(done, {**record, "inputs": inputs})
     if count > 1:
         return {}
     return write_table(matrix, cfg, root)
@@ -286,8 +314,9 @@ def write_table(matrix: Matrix, cfg: AblateConfig, root: Path) -> dict:
     world = "toy world" if cfg.model == "toy" else cfg.model
     md, csv_rows, agreement = table_rows(matrix, records, world)
     protocol = next((r["protocol"] for r in records if r["status"] == "done"), {})
-    manifest = {"matrix": matrix.name, "protocol": {**protocol, "training": f"preset {cfg.model}, steps "
-                                                   f"{cfg.steps or 'preset'}, seeds {cfg.first_seed}..{cfg.first_seed + cfg.seeds - 1}"},
+    training = (f"preset {cfg.model}, steps {cfg.steps or 'preset'}, seeds {cfg.first_seed}..{cfg.first_seed + cfg.seeds - 1}"
+                + "".join(f", {o}" for o in cfg.set))
+    manifest = {"matrix": matrix.name, "protocol": {**protocol, "training": training},
                 "cells": {f"{r['cell']} seed {r['seed']}": r.get("manifest") or r.get("error") for r in records}}
     # The CSV carries numbers, not the Markdown's "mean ± std (delta)" strings.
     files = write_run(root.parent, matrix.name, records=records, aggregate={"rows": csv_rows}, rows=md,

@@ -106,6 +106,30 @@ def test_killed_run_resumes_without_recomputing(fake_cells, tmp_path, monkeypatc
     assert calls == [("base", 0), ("+CA", 0), ("base", 1), ("+CA", 1)]
 
 
+def test_a_finished_cell_is_reused_only_for_the_same_inputs(fake_cells, tmp_path):
+    calls, run_cell = fake_cells
+    run_cell.healed = True
+    run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)
+    record = json.loads((tmp_path / "demo" / "cells" / "ca" / "seed0" / "cell.json").read_text())
+    assert record["inputs"]["limit"] == 20 and len(record["inputs"]["training"]) == 16
+    assert json.loads((tmp_path / "demo" / "cells" / "base" / "seed0" / "cell.json").read_text())["inputs"]["training"] is None
+    calls.clear()
+    run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)
+    assert calls == []
+    with pytest.raises(ComatError, match=r"base/seed0/cell.json: computed with limit=20, this run asks for limit=50"):
+        run_ablation("demo", AblateConfig(seeds=1, limit=50, steps=5), tmp_path)
+    with pytest.raises(ComatError, match=r"ca/seed0/cell.json: computed with training=\w{16}, this run asks for training="):
+        run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5, set=("lr=1e-3",)), tmp_path)
+    assert calls == []  # nothing was recomputed or overwritten
+    del record["inputs"]  # a record from before inputs were kept is reused as it is
+    (tmp_path / "demo" / "cells" / "ca" / "seed0" / "cell.json").write_text(json.dumps(record))
+    run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)
+    assert calls == []
+    ablate.write_table(MATRIX, AblateConfig(seeds=1, steps=5, set=("lr=1e-3",)), tmp_path / "demo")
+    training = json.loads((tmp_path / "demo" / "manifest.json").read_text())["protocol"]["training"]
+    assert training == "preset toy, steps 5, seeds 0..0, lr=1e-3"  # the table names the overrides it ran with
+
+
 def test_shards_split_cells_and_the_final_run_only_assembles(fake_cells, tmp_path):
     calls, run_cell = fake_cells
     run_cell.healed = True
