@@ -44,14 +44,18 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_prompts(cfg: TrainConfig) -> list[str]:
-    """The training prompts: ``prompts=FILE`` (one per line), or the toy train split for ``prompts=toy`` / toy models."""
-    if cfg.prompts in (None, "toy"):
+    """The training prompts: ``prompts=FILE`` (one per line), the toy train split for ``prompts=toy`` (the default
+    of toy models), or ``prompts=toy-open``: toy prompts over every attribute-object combination, held-out pairs
+    included, except the evaluation prompts (image-free prompts, as the paper's training set shares its
+    attribute-object pairs with T2I-CompBench's evaluation prompts)."""
+    if cfg.prompts in (None, "toy", "toy-open"):
         if cfg.prompts is None and not str(cfg.model).startswith("toy"):
             raise ComatError("no training prompts: set prompts=FILE, one prompt per line (the paper trains on "
                              "T2I-CompBench train + HRS-Bench + ABC-6K), or prompts=toy")
         from comat.toy.prompts import prompts
 
-        return [p for c in TOY_CATEGORIES for p in prompts(c, "train")]
+        split = "open" if cfg.prompts == "toy-open" else "train"
+        return [p for c in TOY_CATEGORIES for p in prompts(c, split)]
     from comat.generate import read_prompt_file
 
     try:

@@ -158,6 +158,17 @@ def test_splits_disjoint_and_held_out():
                    + prompts("texture", "eval_unseen")) for a, s in held)
 
 
+def test_open_split_adds_held_out_pairs_but_no_evaluation_prompt():
+    for c in MULTI:
+        open_specs = prompt_specs(c, "open")
+        ev = prompt_specs(c, "eval")
+        assert not {s.key() for s in open_specs} & {s.key() for s in ev}
+        assert any(s.is_unseen() for s in open_specs) and not all(s.is_unseen() for s in open_specs)
+    held = {("color", p) for p in HELD_OUT["color"]}
+    bound = {(k, p) for s in prompt_specs("color", "open") for m in s.mentions for k, p in m.pairs()}
+    assert held <= bound  # every held-out colour pair appears in some open training prompt
+
+
 def test_single_train_covers_every_colour_and_shape():
     singles = prompt_specs("single", "train")
     pairs = {(s.mentions[0].color, s.mentions[0].shape) for s in singles}

@@ -17,7 +17,8 @@ from comat.checkpoint import load_checkpoint
 from comat.cli import app
 from comat.errors import ComatError
 from comat.methods import Batch
-from comat.train import Trainer, train
+from comat.train import Trainer, load_prompts, train
+from comat.train_config import TrainConfig
 from comat.train_config import load_train_config
 from tests.tiny import save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam
 
@@ -301,6 +302,20 @@ def test_profile_compares_selective_and_all_layer_capture(tiny_sd_dir, judges, t
     assert 0 < sel["explicit_layers"] < full["explicit_layers"]
     assert sel["sec_per_step"] > 0 and full["peak_mb"] > 0
     assert "selective" in result.output and "capture_all" in result.output
+
+
+def test_toy_prompt_sets():
+    from comat.toy.prompts import prompts as toy_prompts
+
+    def load(value):
+        return load_prompts(TrainConfig(model="toy", prompts=value))
+
+    train_set, open_set = load(None), load("toy-open")
+    assert train_set == load("toy") and "a red triangle and a blue square" not in train_set
+    assert set(open_set) != set(train_set)
+    assert not set(open_set) & set(toy_prompts("color", "eval"))
+    with pytest.raises(ComatError, match="prompts=FILE"):
+        load_prompts(TrainConfig(model="hub/sd", prompts=None))
 
 
 def test_bad_input_is_one_line(tiny_sd_dir, judges, tmp_path):

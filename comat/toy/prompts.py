@@ -40,7 +40,7 @@ SPATIAL_RELATIONS = ("on the left of", "on the right of", "on the top of", "on t
 NON_SPATIAL_RELATIONS = ("in front of", "behind")
 RELATIONS = SPATIAL_RELATIONS + NON_SPATIAL_RELATIONS
 CATEGORIES = ("single", "color", "shape", "texture", "spatial", "non_spatial", "complex", "counting")
-SPLITS = ("train", "eval", "eval_seen", "eval_unseen")
+SPLITS = ("train", "eval", "eval_seen", "eval_unseen", "open")
 
 # Held-out (attribute, shape) pairs: absent from every multi-object training prompt. Each colour
 # loses one shape (colour i -> shape (i + 2) mod 4), so every shape keeps >= 4 seen colours.
@@ -231,15 +231,23 @@ def _collect(category: str, split: str, n: int) -> tuple[PromptSpec, ...]:
     misses = 0
     while len(found) < n and misses < 3000:
         spec = random_spec(category, rng)
-        if split_of(spec) == split and spec.text not in found:
+        inside = spec.key() not in evaluation_keys() if split == "open" else split_of(spec) == split
+        if inside and spec.text not in found:
             found[spec.text], misses = spec, 0
         else:
             misses += 1
     return tuple(found.values())
 
 
+@lru_cache(maxsize=1)
+def evaluation_keys() -> frozenset[str]:
+    """Canonical keys of every category's evaluation prompts."""
+    return frozenset(spec.key() for c in CATEGORIES for spec in prompt_specs(c, "eval"))
+
+
 def prompt_specs(category: str, split: str = "eval") -> list[PromptSpec]:
-    """Deterministic prompt set. 'eval' = eval_seen + eval_unseen (singles: all seen)."""
+    """Deterministic prompt set. 'eval' = eval_seen + eval_unseen (singles: all seen); 'open' = prompts over
+    every attribute-object combination, held-out pairs included, except the evaluation prompts themselves."""
     _check_category(category)
     if split not in SPLITS:
         raise ComatError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -247,7 +255,7 @@ def prompt_specs(category: str, split: str = "eval") -> list[PromptSpec]:
         return prompt_specs(category, "eval_seen") + prompt_specs(category, "eval_unseen")
     if category == "single" and split == "eval_unseen":
         return []
-    n = {"train": TRAIN_PER_CATEGORY, "eval_seen": EVAL_SEEN_PER_CATEGORY,
+    n = {"train": TRAIN_PER_CATEGORY, "open": TRAIN_PER_CATEGORY, "eval_seen": EVAL_SEEN_PER_CATEGORY,
          "eval_unseen": EVAL_UNSEEN_PER_CATEGORY}[split]
     if category == "single" and split == "eval_seen":  # singles have no unseen half
         n += EVAL_UNSEEN_PER_CATEGORY

@@ -19,7 +19,6 @@ Shapes are what a small ViT learns last; two training-only signals bring them fo
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +36,7 @@ from comat.models.captioners import DEFAULT_PREFIX, IGNORE_INDEX, token_log_prob
 from comat.models.tokenizer import word_tokenizer
 from comat.toy.pretrain import export_fp16
 from comat.toy.prompts import (
-    CATEGORIES, COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec, prompt_specs, random_spec,
+    CATEGORIES, COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec, evaluation_keys, random_spec,
 )
 from comat.toy.quality import scene_questions
 from comat.toy.recipes import CLIP_MEAN, CLIP_STD, clip_normalize, corrupt
@@ -72,11 +71,6 @@ def augment(images: torch.Tensor, rng: np.random.Generator, jitter: int = 2, noi
     return x.clamp(0, 1)
 
 
-@functools.lru_cache(maxsize=1)
-def _evaluation_keys() -> frozenset[str]:
-    return frozenset(spec.key() for c in CATEGORIES for spec in prompt_specs(c, "eval"))
-
-
 def sample_open_batch(n: int, rng: np.random.Generator, categories: Sequence[str] | None = None):
     """Like ``sample_batch``, with prompts over every attribute-object combination (held-out pairs included)
     except the evaluation prompt lists themselves."""
@@ -84,7 +78,7 @@ def sample_open_batch(n: int, rng: np.random.Generator, categories: Sequence[str
     rendered = []
     while len(rendered) < n:
         spec = random_spec(cats[rng.integers(len(cats))], rng)
-        if spec.key() not in _evaluation_keys():
+        if spec.key() not in evaluation_keys():
             rendered.append(render(realise(spec, rng)))
     images = torch.from_numpy(np.stack([r.image for r in rendered])).permute(0, 3, 1, 2).float().div_(255)
     return images, [r.prompt for r in rendered], rendered
