@@ -51,6 +51,18 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _flow(text: str, kind: type, where: str) -> Any:
+    """A list or table written inline on the command line: JSON or YAML flow style (``[a, b]``, ``{k: v}``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, kind):
+        example = "[a, b] or a,b" if kind is list else "{key: value}"
+        raise ComatError(f"{where}: '{text}' is not a {'list' if kind is list else 'table'}; write it as {example}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from a file or a command-line string) to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
@@ -66,12 +78,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
+            value = [v for v in value.split(",") if v] if not value.startswith("[") else _flow(value, list, where)
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         items = [_coerce(v, item_tp, where) for v in value]
         return tuple(items) if origin is tuple else items
     if origin is dict:
-        return json.loads(value) if isinstance(value, str) else dict(value)
+        return _flow(value, dict, where) if isinstance(value, str) else dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ComatError(f"{where}: expected a table of fields, got '{value}'")

@@ -26,6 +26,8 @@ def test_defaults_file_then_overrides(tmp_path):
     (tmp_path / "c.toml").write_text('model = "sd15"\n[lora]\nrank = 64\n')
     cfg = load_config(Cfg, tmp_path / "c.toml", ["lora.targets=to_v,to_out.0", "stop_grad=false", "lr=1e-4"])
     assert cfg == Cfg(model="sd15", lr=1e-4, stop_grad=False, lora=Lora(rank=64, targets=("to_v", "to_out.0")))
+    for inline in ("[to_v, to_out.0]", '["to_v", "to_out.0"]', "to_v,to_out.0"):
+        assert load_config(Cfg, None, [f"lora.targets={inline}"]).lora.targets == ("to_v", "to_out.0")
 
 
 def test_yaml_and_none(tmp_path):
@@ -43,6 +45,7 @@ def test_yaml_and_none(tmp_path):
         ("", "c.toml", ["lora.rank=abc"], r"lora.rank: 'abc' is not a valid int"),
         ("", "c.toml", ["stop_grad=maybe"], r"not a boolean"),
         ("", "c.toml", ["rank"], r"must look like field=value"),
+        ("", "c.toml", ["lora.targets=[to_q"], r"lora.targets: '\[to_q' is not a list; write it as \[a, b\]"),
         ("- 1\n", "c.yaml", [], r"must hold a mapping"),
         ("", "c.ini", [], r"unknown format '.ini'"),
     ],
