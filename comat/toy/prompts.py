@@ -18,7 +18,8 @@ content hashes to 0 mod 5 form ``eval_seen`` (the canonical key ignores word ord
 relations, so "A on the left of B" and "B on the right of A" always fall on the same side); the
 rest is ``train``. Single-object prompts are exempt from the held-out rule (the base model must
 learn every colour x shape): all one-attribute singles are train, and multi-attribute singles
-hashing to 0 mod 3 are eval.
+hashing to 0 mod 3 are eval. ``open`` (every combination, held-out pairs included, except the evaluation
+prompts) follows the rule the captioners learn under; CoMat trains on it with ``prompts=toy-open``.
 """
 
 from __future__ import annotations
