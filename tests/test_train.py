@@ -18,8 +18,7 @@ from comat.cli import app
 from comat.errors import ComatError
 from comat.methods import Batch
 from comat.train import Trainer, load_prompts, train
-from comat.train_config import TrainConfig
-from comat.train_config import load_train_config
+from comat.train_config import TrainConfig, load_train_config
 from tests.tiny import save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam
 
 PROMPTS = ["a red square and a blue circle", "a green triangle", "a big yellow cross on the left of a purple circle",

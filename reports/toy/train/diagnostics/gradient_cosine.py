@@ -1,6 +1,7 @@
 """Diagnostic (session 7): mean pairwise cosine of the concept-activation LoRA gradients of one prompt under 6 noise
 draws (batch 4, discriminator, mixed latent and AC off). Usage: python gradient_cosine.py CAPTIONER..."""
-import sys, itertools, numpy as np, torch
+import itertools, sys, tempfile
+import numpy as np, torch
 from comat.train import Trainer
 from comat.train_config import load_train_config
 from comat.methods import Batch
@@ -8,7 +9,7 @@ prompt = "a red triangle and a blue square"
 for cap in sys.argv[1:]:
     cfg = load_train_config("toy", None, ("prompts=toy-open", "discriminator.kind=none", "mixed_latent.enabled=false",
                                           "attribute_concentration.enabled=false", f"captioner.model={cap}"))
-    tr = Trainer(cfg, "/tmp/diag/gc", log=lambda *a: None)
+    tr = Trainer(cfg, tempfile.mkdtemp(), log=lambda *a: None)
     params = tr.updates[0].params
     grads, losses = [], []
     for k in range(6):

@@ -1,7 +1,6 @@
 """Diagnostic (session 7): share of 48 fresh samples of one prompt judged fully right by toy/vqa (DDIM 25, guidance 6,
 seeds 1000+), base then each LoRA. Usage: python one_prompt.py PROMPT [LORA...]"""
 import sys, torch
-from pathlib import Path
 from comat.toy.eval_zoo import ZooEvalConfig, sample_images
 from comat.toy.prompts import parse_prompt
 from comat.judges.vqa import VqaJudge
