@@ -40,3 +40,5 @@ def test_eval_zoo_reports_every_bar_on_the_committed_zoo(tmp_path):
     json_path, md_path = write_report(result, tmp_path)
     text = md_path.read_text()
     assert "| vqa_accuracy | >= 0.97 |" in text and "total:" in text and json_path.is_file()
+    # the sampler is read from the shipped scheduler, not assumed
+    assert "sampler=DDIM (v_prediction, trailing spacing, zero terminal SNR)" in text

@@ -57,9 +57,9 @@ def test_hard_negatives_change_the_binding_not_the_words():
 
 
 class RestartingRecipe(LinearRecipe):
-    """A second stage from step 6 that starts from the (EMA) weights an export at step 6 ships."""
+    """Stages from steps 6 and 9 that each start from the (EMA) weights an export at that step ships."""
 
-    restart_step = 6
+    restart_steps = (6, 9)
 
     def load_export(self, modules, zoo):
         modules["lin"].load_state_dict(torch.load(zoo / "lin.pt", weights_only=True))
@@ -69,12 +69,13 @@ class RestartingRecipe(LinearRecipe):
         torch.save(modules["lin"].state_dict(), zoo / "lin.pt")
 
 
-def test_a_later_stage_continues_from_the_export_alone(tmp_path):
+@pytest.mark.parametrize("shipped_steps", [6, 9])
+def test_a_later_stage_continues_from_the_export_alone(tmp_path, shipped_steps):
     import shutil
 
     train_recipe(RestartingRecipe(), PretrainConfig(), zoo=tmp_path / "a", work=tmp_path / "wa")
     shipped = RestartingRecipe()
-    shipped.steps = 6  # the model as exported before the second stage existed
+    shipped.steps = shipped_steps  # the model as exported before the later stages existed
     train_recipe(shipped, PretrainConfig(), zoo=tmp_path / "b", work=tmp_path / "wb")
     shutil.rmtree(tmp_path / "wb")  # its training checkpoints are gone (another machine)
     assert train_recipe(RestartingRecipe(), PretrainConfig(), zoo=tmp_path / "b", work=tmp_path / "wb2")
@@ -85,7 +86,7 @@ def test_a_later_stage_continues_from_the_export_alone(tmp_path):
     from comat.toy.pretrain import read_training_record
 
     record = read_training_record(tmp_path / "b", "lin")
-    assert record["steps"] == 12 and record["continued_from"]["steps"] == 6
+    assert record["steps"] == 12 and record["continued_from"]["steps"] == shipped_steps
 
 
 class PhasedRecipe(LinearRecipe):
@@ -122,7 +123,7 @@ def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
     for step, lr, ema in ((0, recipe.lr, 0.995), (recipe.constant_steps - 1, recipe.lr, 0.995),
                           (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema),
                           (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / 8000), recipe.decay_ema),
-                          (recipe.restart_step, recipe.restart_lr, recipe.decay_ema),
+                          (recipe.restart_steps[0], recipe.restart_lr, recipe.decay_ema),
                           (recipe.steps - 1, recipe.restart_lr, recipe.decay_ema)):
         recipe.at_step(step, {}, opt)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema
@@ -140,6 +141,46 @@ def test_min_snr_weights_match_the_formula():
     torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0).double(), torch.tensor(expected, dtype=torch.float64))
 
 
+def test_min_snr_weights_of_v_prediction_keep_the_zero_snr_step():
+    from comat.toy.recipes import min_snr_weights, toy_scheduler
+
+    scheduler = toy_scheduler(v_prediction=True)
+    t = torch.tensor([0, 300, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[2] < 1e-6  # zero terminal SNR, up to diffusers' 2**-24 floor
+    expected = [6 / (snr[0] + 1), (min(snr[1], 5) + 1) / (snr[1] + 1), 1.0]
+    torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0).double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_unet_last_stage_learns_v_on_the_zero_terminal_snr_schedule(monkeypatch):
+    from comat.toy import recipes
+
+    recipe = recipes.UnetRecipe()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    recipe.at_step(recipe.restart_steps[1] - 1, {}, opt)
+    assert recipe.scheduler.config.prediction_type == "epsilon"
+    recipe.at_step(recipe.restart_steps[1], {}, opt)
+    assert recipe.scheduler.config.prediction_type == "v_prediction"
+    assert recipe.scheduler.config.timestep_spacing == "trailing" and recipe.scheduler.config.rescale_betas_zero_snr
+
+    # A UNet that returns the exact velocity has zero loss; one that returns the noise does not.
+    from types import SimpleNamespace as NS
+
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    recipe.batch, recipe.prompt_dropout = 2, 0.0
+    recipe.vae = NS(config=NS(scaling_factor=1.0), encode=lambda x: NS(latent_dist=NS(sample=lambda: latents)))
+    recipe.text_encoder = lambda ids: NS(last_hidden_state=torch.zeros(2, 77, 8))
+    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng: (torch.zeros(n, 3, 64, 64), ["a"] * n, None))
+    monkeypatch.setattr(torch, "randn_like", lambda x: noise)
+
+    def loss_of(predict):
+        return recipe.loss({"unet": lambda x, t, context: NS(sample=predict(t))}, np.random.default_rng(0))[0].item()
+
+    assert loss_of(lambda t: recipe.scheduler.get_velocity(latents, noise, t)) == 0
+    assert loss_of(lambda t: noise) > 0.01
+
+
 def test_vae_second_stage_trains_the_decoder_alone_and_the_third_everything(tmp_path):
     from comat.toy.recipes import VaeRecipe
 
@@ -150,7 +191,7 @@ def test_vae_second_stage_trains_the_decoder_alone_and_the_third_everything(tmp_
     assert all(p.requires_grad for p in vae.parameters()) and not recipe.object_weight
     recipe.batch = 2
     encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
-    for step, encoder_trains in ((recipe.encoder_steps, False), (recipe.restart_step, True)):
+    for step, encoder_trains in ((recipe.encoder_steps, False), (recipe.restart_steps[0], True)):
         recipe.at_step(step, modules, None)
         vae.zero_grad(set_to_none=True)
         loss, _ = recipe.loss(modules, np.random.default_rng(0))

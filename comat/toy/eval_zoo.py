@@ -61,6 +61,12 @@ def sample_images(pipe, prompts: list[str], cfg: ZooEvalConfig, batch: int = 64)
     return torch.cat(out)
 
 
+def sampler_protocol(pipe) -> str:
+    """How :func:`sample_images` samples ``pipe``: DDIM on the pipeline's own noise schedule and parametrisation."""
+    c = pipe.scheduler.config
+    return f"DDIM ({c.prediction_type}, {c.timestep_spacing} spacing{', zero terminal SNR' if c.get('rescale_betas_zero_snr') else ''})"
+
+
 def _phrase_questions(spec: PromptSpec) -> list[str]:
     # T2I-CompBench's BLIP-VQA question: the noun phrase followed by "?".
     return [m.text + "?" for m in spec.mentions]
@@ -108,14 +114,15 @@ def evaluate_zoo(zoo: Path, cfg: ZooEvalConfig) -> dict:
     for kind in ("blip", "git"):
         metrics[f"captioner_swap_accuracy.{kind}"] = captioner_swap_accuracy(
             load_captioner(kind, ref(kind)), cfg.judge_scenes, cfg.seed)
-    metrics.update(t2i_metrics(load_t2i(ref("t2i")), vqa, detector, cfg))
+    pipe = load_t2i(ref("t2i"))
+    metrics.update(t2i_metrics(pipe, vqa, detector, cfg))
     checks = {name: _passes(metrics[name], op, bar) for name, op, bar in BARS}
     training = {name: read_training_record(zoo, name) for name in sorted(p.name for p in zoo.iterdir() if p.is_dir())}
     return {
         "metrics": metrics,
         "bars": [{"metric": n, "op": op, "bar": b, "value": metrics[n], "pass": checks[n]} for n, op, b in BARS],
         "all_pass": all(checks.values()),
-        "protocol": {**dataclasses.asdict(cfg), "sampler": "DDIM", "judge_split": "eval renders (held-out seeds)",
+        "protocol": {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe), "judge_split": "eval renders (held-out seeds)",
                      "t2i_prompts": "toy eval split: single and color categories (seen + unseen combinations)"},
         "training": {k: {"steps": v.get("steps"), "train_seconds": v.get("train_seconds")} for k, v in training.items()},
         "environment": environment(),
@@ -133,7 +140,7 @@ def compare_t2i(ckpt: Path, cfg: ZooEvalConfig, zoo: Path | None = None) -> dict
     load_lora(pipe, ckpt)  # the same pipeline, now with the adapter: one model load for both
     tuned = t2i_metrics(pipe, vqa, detector, cfg)
     rows = [{"metric": k, "base": base[k], "tuned": tuned[k], "delta": tuned[k] - base[k]} for k in base]
-    protocol = {**dataclasses.asdict(cfg), "sampler": "DDIM", "lora": str(ckpt), "judges": "toy/vqa, toy/grounding_dino",
+    protocol = {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe), "lora": str(ckpt), "judges": "toy/vqa, toy/grounding_dino",
                 "prompts": "toy eval split (held out from training): single and color categories"}
     return {"rows": rows, "protocol": protocol, "environment": environment()}
 

@@ -45,9 +45,9 @@ class Recipe(Protocol):
 
     # Optional: ``at_step(step, modules, opt)`` runs before every step, for recipes whose schedule has phases
     # (a learning-rate decay, a frozen encoder); it is called again after a resume, so phases survive one.
-    # Optional: ``restart_step`` with ``load_export(modules, zoo)``: a later stage that starts from the exported
-    # weights (the EMA where there is one) with a fresh optimizer and data stream. A zoo model exported at that
-    # step continues from its export alone, so a stage can be added after the work checkpoints are gone.
+    # Optional: ``restart_steps`` with ``load_export(modules, zoo)``: later stages that each start from the exported
+    # weights (the EMA where there is one) with a fresh optimizer and data stream. A zoo model exported at one of
+    # those steps continues from its export alone, so a stage can be added after the work checkpoints are gone.
 
     def loss(self, modules: dict[str, torch.nn.Module], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         """One batch: draw scenes from ``rng``, return the loss and numbers to log."""
@@ -97,19 +97,20 @@ def train_recipe(
     ema = _ema_copy(modules) if recipe.ema else {}
     ckpt = work / recipe.name / "last"
     step, elapsed = 0, 0.0
-    restart = getattr(recipe, "restart_step", None)
+    restarts = tuple(getattr(recipe, "restart_steps", ()))
     exported = read_training_record(zoo, recipe.name)
     continued = None
     if ckpt.exists():
         state = load_checkpoint(ckpt, modules={**modules, **{f"ema_{k}": m for k, m in ema.items()}}, optimizers={"opt": opt}, rng=rng)
         step, elapsed = state["step"], state["extra"]["elapsed_s"]
         continued = state["extra"].get("continued_from")
-    elif restart is not None and exported.get("steps") == restart:
+    elif exported.get("steps") in restarts:
         recipe.load_export(modules, zoo)
         for k, shadow in ema.items():
             shadow.load_state_dict(modules[k].state_dict())
-        step, elapsed = restart, float(exported.get("train_seconds") or 0)
-        continued = {"steps": restart, "train_seconds": exported.get("train_seconds"), "from": "zoo export (float16)"}
+        step, elapsed = exported["steps"], float(exported.get("train_seconds") or 0)
+        continued = {"steps": step, "train_seconds": exported.get("train_seconds"), "from": "zoo export (float16)",
+                     **({"earlier": exported["continued_from"]} if "continued_from" in exported else {})}
     log_path = work / recipe.name / "log.csv"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start, last_ckpt = time.monotonic(), time.monotonic()
@@ -124,7 +125,7 @@ def train_recipe(
         m.train()
     at_step = getattr(recipe, "at_step", None)
     while step < recipe.steps:
-        if step == restart:
+        if step in restarts:
             rng = _restart(modules, ema, opt, cfg.seed, step)
         if at_step:
             at_step(step, modules, opt)
