@@ -155,10 +155,14 @@ def cell_train_config(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig) 
 
 def cell_inputs(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig) -> dict:
     """What a cell's result depends on: its training run (the key of ``trained_run_dir``: resolved config and base
-    weights) and its evaluation. A finished cell is reused only for the same inputs."""
+    weights), the base weights it is evaluated on (an untrained cell has no training key to carry them) and its
+    evaluation. A finished cell is reused only for the same inputs."""
+    from comat.fingerprint import model_fingerprint
+
     train_cfg = cell_train_config(matrix, cell, seed, cfg)
     return {"training": None if cell.train is None else trained_run_dir(Path(), train_cfg).name,
-            "model": train_cfg.model, "limit": cfg.limit, "eval_options": dict(matrix.eval_options)}
+            "model": train_cfg.model, "model_sha256": model_fingerprint(train_cfg.model), "limit": cfg.limit,
+            "eval_options": dict(matrix.eval_options)}
 
 
 def _reusable(record: dict, inputs: dict, cell_dir: Path) -> bool:
@@ -170,8 +174,9 @@ def _reusable(record: dict, inputs: dict, cell_dir: Path) -> bool:
         differ = [k for k in inputs if record["inputs"].get(k) != inputs[k]]
         was = ", ".join(f"{k}={record['inputs'].get(k)}" for k in differ)
         now = ", ".join(f"{k}={inputs[k]}" for k in differ)
-        raise ComatError(f"{cell_dir / 'cell.json'}: computed with {was}, this run asks for {now} (--steps, --limit "
-                         "or --set changed); give another --out, or remove that directory to recompute it")
+        raise ComatError(f"{cell_dir / 'cell.json'}: computed with {was}, this run asks for {now} (--steps, --limit, "
+                         "--set or the base model's weights changed); give another --out, or remove that directory to "
+                         "recompute it")
     return True
 
 

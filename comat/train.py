@@ -72,7 +72,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _resume_key(cfg: TrainConfig, method: str) -> dict:
-    return {"method": method, **{k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}}
+    # The base weights too: a model id such as 'toy' or a local path can name other weights after a retraining.
+    from comat.fingerprint import model_fingerprint
+
+    return {"method": method, "model_sha256": model_fingerprint(cfg.model),
+            **{k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}}
 
 
 class Trainer:

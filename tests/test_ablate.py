@@ -106,7 +106,7 @@ def test_killed_run_resumes_without_recomputing(fake_cells, tmp_path, monkeypatc
     assert calls == [("base", 0), ("+CA", 0), ("base", 1), ("+CA", 1)]
 
 
-def test_a_finished_cell_is_reused_only_for_the_same_inputs(fake_cells, tmp_path):
+def test_a_finished_cell_is_reused_only_for_the_same_inputs(fake_cells, tmp_path, monkeypatch):
     calls, run_cell = fake_cells
     run_cell.healed = True
     run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)
@@ -120,6 +120,14 @@ def test_a_finished_cell_is_reused_only_for_the_same_inputs(fake_cells, tmp_path
         run_ablation("demo", AblateConfig(seeds=1, limit=50, steps=5), tmp_path)
     with pytest.raises(ComatError, match=r"ca/seed0/cell.json: computed with training=\w{16}, this run asks for training="):
         run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5, set=("lr=1e-3",)), tmp_path)
+    import comat.fingerprint
+
+    weights = comat.fingerprint.model_fingerprint("toy")
+    with monkeypatch.context() as patch, pytest.raises(
+            ComatError, match=rf"base/seed0/cell.json: computed with model_sha256={weights}, this run asks for "
+                              r"model_sha256=retrained \(.*the base model's weights changed\)"):
+        patch.setattr(comat.fingerprint, "model_fingerprint", lambda model: "retrained")
+        run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)  # the untrained cell too
     assert calls == []  # nothing was recomputed or overwritten
     del record["inputs"]  # a record from before inputs were kept is reused as it is
     (tmp_path / "demo" / "cells" / "ca" / "seed0" / "cell.json").write_text(json.dumps(record))

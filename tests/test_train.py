@@ -220,6 +220,11 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(full_run, tiny_sd_dir, j
         train(config(tiny_sd_dir, judges, *RESUME_SETS), out, log=lambda m: None)
     assert load_checkpoint(out / "checkpoint", modules={})["step"] == 2 and not (out / "lora").exists()
     monkeypatch.setattr(Trainer, "train_step", step)
+    import comat.fingerprint
+
+    with monkeypatch.context() as patch, pytest.raises(ComatError, match="written with a different model_sha256"):
+        patch.setattr(comat.fingerprint, "model_fingerprint", lambda model: "retrained")
+        train(config(tiny_sd_dir, judges, *RESUME_SETS), out, log=lambda m: None)  # other base weights: no resume
     notes = []
     train(config(tiny_sd_dir, judges, *RESUME_SETS), out, log=notes.append)
     assert any("resumed" in n and "step 2" in n for n in notes)
