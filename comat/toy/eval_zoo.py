@@ -64,7 +64,8 @@ def sample_images(pipe, prompts: list[str], cfg: ZooEvalConfig, batch: int = 64)
 def sampler_protocol(pipe) -> str:
     """How :func:`sample_images` samples ``pipe``: DDIM on the pipeline's own noise schedule and parametrisation."""
     c = pipe.scheduler.config
-    return f"DDIM ({c.prediction_type}, {c.timestep_spacing} spacing{', zero terminal SNR' if c.get('rescale_betas_zero_snr') else ''})"
+    zero_snr = ", zero terminal SNR" if c.get("rescale_betas_zero_snr") else ""
+    return f"DDIM ({c.prediction_type}, {c.timestep_spacing} spacing{zero_snr})"
 
 
 def _phrase_questions(spec: PromptSpec) -> list[str]:
@@ -122,7 +123,8 @@ def evaluate_zoo(zoo: Path, cfg: ZooEvalConfig) -> dict:
         "metrics": metrics,
         "bars": [{"metric": n, "op": op, "bar": b, "value": metrics[n], "pass": checks[n]} for n, op, b in BARS],
         "all_pass": all(checks.values()),
-        "protocol": {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe), "judge_split": "eval renders (held-out seeds)",
+        "protocol": {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe),
+                     "judge_split": "eval renders (held-out seeds)",
                      "t2i_prompts": "toy eval split: single and color categories (seen + unseen combinations)"},
         "training": {k: {"steps": v.get("steps"), "train_seconds": v.get("train_seconds")} for k, v in training.items()},
         "environment": environment(),
@@ -140,7 +142,8 @@ def compare_t2i(ckpt: Path, cfg: ZooEvalConfig, zoo: Path | None = None) -> dict
     load_lora(pipe, ckpt)  # the same pipeline, now with the adapter: one model load for both
     tuned = t2i_metrics(pipe, vqa, detector, cfg)
     rows = [{"metric": k, "base": base[k], "tuned": tuned[k], "delta": tuned[k] - base[k]} for k in base]
-    protocol = {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe), "lora": str(ckpt), "judges": "toy/vqa, toy/grounding_dino",
+    protocol = {**dataclasses.asdict(cfg), "sampler": sampler_protocol(pipe), "lora": str(ckpt),
+                "judges": "toy/vqa, toy/grounding_dino",
                 "prompts": "toy eval split (held out from training): single and color categories"}
     return {"rows": rows, "protocol": protocol, "environment": environment()}
 

@@ -73,8 +73,6 @@ class ClipRecipe:
 
     def __init__(self) -> None:
         self.tokenizer = toy_tokenizer()
-        self.schedulers = (toy_scheduler(), toy_scheduler(v_prediction=True))  # epsilon stages, the v stage
-        self.scheduler = self.schedulers[0]  # at_step picks the stage's
 
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
         config = CLIPConfig(
@@ -201,7 +199,7 @@ class UnetRecipe:
     Constant learning rate and a short EMA for ``constant_steps``, then a linear decay to 5% with a longer EMA:
     at the end of the constant phase the sampled single objects had the right colour only 66% of the time and
     the right size 64% (guidance 3), the weights still moving too much to settle attribute details. From
-    ``restart_step`` a third stage on the latents of the VAE's third stage (which moved them by 12%) with min-SNR-5
+    ``restart_steps[0]`` a third stage on the latents of the VAE's third stage (which moved them by 12%) with min-SNR-5
     weighting: single-object acceptance at guidance 4 went from 0.51 to 0.62 (colour 0.80 -> 0.89, texture 0.80 ->
     0.93, size 0.59 -> 0.61; 240 samples). The shipped UNet spent its first 20000 steps on the VAE before that stage;
     a run from scratch trains on the finished VAE throughout.
@@ -268,9 +266,10 @@ class UnetRecipe:
     def export(self, modules, zoo: Path) -> None:
         # The zoo's VAE as it is now: it is the one this UNet's last stage was trained on.
         vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32)
+        scheduler = self.schedulers[self.steps > self.restart_steps[1]]  # the last stage's
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
-            scheduler=self.schedulers[self.steps > self.restart_steps[1]], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
         share_zoo_files(zoo / self.name, zoo)
