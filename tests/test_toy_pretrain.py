@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comat.errors import ComatError
-from comat.toy.pretrain import PretrainConfig, pretrain_zoo, train_recipe
+from comat.toy.pretrain import PretrainConfig, parallel_wall_seconds, pretrain_zoo, train_recipe
 from comat.toy.recipes import corrupt
 from comat.toy.prompts import prompt_specs
 from comat.toy.world import sample_batch
@@ -250,3 +250,13 @@ def test_a_paused_model_holds_back_what_needs_it(tmp_path):
     done = pretrain_zoo([PausingRecipe, NeedsPausing], PretrainConfig(max_minutes=0.0), zoo=tmp_path,
                         work=tmp_path / "w", jobs=2, log=log.append)
     assert not done and log == ["pausing: paused (checkpointed); rerun to resume"]
+
+
+def test_parallel_wall_time_follows_dependencies():
+    seconds = {"clip": 2.0, "vae": 3.0, "t2i": 10.0, "blip": 1.0, "vqa": 4.0}
+    requires = {"t2i": ("clip", "vae")}
+    # Core 1: clip 0-2, blip 2-3, vqa 3-7; core 2: vae 0-3, t2i 3-13 (it waits for both).
+    assert parallel_wall_seconds(seconds, requires, jobs=2) == 13.0
+    assert parallel_wall_seconds(seconds, requires, jobs=1) == sum(seconds.values())
+    # A dependency already in the zoo (absent from the times) does not hold anything back.
+    assert parallel_wall_seconds({"t2i": 10.0, "blip": 1.0}, requires, jobs=2) == 10.0

@@ -203,6 +203,20 @@ def _train(recipe: type, cfg: PretrainConfig, zoo: Path, work: Path) -> bool:
     return train_recipe(recipe(), cfg, zoo=zoo, work=work, progress=functools.partial(_print_progress, recipe.name))
 
 
+def parallel_wall_seconds(seconds: dict[str, float], requires: dict[str, tuple[str, ...]], jobs: int) -> float:
+    """Wall time of :func:`pretrain_zoo` with ``jobs`` workers, given each model's single-run time: the same
+    greedy order (the recipes' order, a model starting once what it needs is exported), on idle cores."""
+    clock, finished, running, pending = 0.0, set(), [], list(seconds)
+    while pending or running:
+        for name in [n for n in pending if set(requires.get(n, ())) & set(seconds) <= finished][: jobs - len(running)]:
+            pending.remove(name)
+            running.append((clock + seconds[name], name))
+        running.sort()
+        clock, name = running.pop(0)
+        finished.add(name)
+    return clock
+
+
 def pretrain_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZOO, work: Path, jobs: int = 1,
                  force: bool = False, log: Callable[[str], None] = print) -> bool:
     """Train ``recipes`` (classes, dependencies first) ``jobs`` at a time (one process each, ``cfg.threads``
