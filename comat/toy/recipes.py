@@ -217,7 +217,6 @@ class UnetRecipe:
     restart_steps, restart_lr, restart_snr_gamma = (20000, 26000), 1e-4, 5.0
     prompt_dropout = 0.1
     snr_gamma: float | None = None  # set by at_step
-    categories: tuple[str, ...] | None = None  # prompt categories of a batch, drawn uniformly (None: all)
 
     def at_step(self, step: int, modules, opt) -> None:
         progress = min(1.0, max(0.0, (step - self.constant_steps) / (self.decay_steps - self.constant_steps)))
@@ -249,7 +248,7 @@ class UnetRecipe:
         return {"unet": unet}
 
     def loss(self, modules, rng):
-        images, prompts, _ = sample_batch(self.batch, rng, self.categories)
+        images, prompts, _ = sample_batch(self.batch, rng)
         prompts = ["" if rng.random() < self.prompt_dropout else p for p in prompts]
         with torch.no_grad():
             latents = self.vae.encode(images * 2 - 1).latent_dist.sample() * self.vae.config.scaling_factor
