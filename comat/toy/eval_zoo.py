@@ -165,6 +165,7 @@ def write_report(result: dict, out: Path) -> tuple[Path, Path]:
     in_order = {k: seconds[k] for k in RECIPES if k in seconds}  # the order pretrain_zoo starts them in
     two_jobs = parallel_wall_seconds(in_order, {k: r.requires for k, r in RECIPES.items()}, jobs=2)
     lines += [f"- total: {sum(seconds.values()) / 3600:.2f} h",
-              f"- wall time with `comat toy pretrain --jobs 2` (these times, in the command's order): {two_jobs / 3600:.2f} h", "", "Protocol: " + ", ".join(f"{k}={v}" for k, v in result["protocol"].items()),
+              f"- wall time with `comat toy pretrain --jobs 2` (these times, in the command's order): {two_jobs / 3600:.2f} h",
+              "", "Protocol: " + ", ".join(f"{k}={v}" for k, v in result["protocol"].items()),
               "", "Environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
     return atomic_write_json(out / "zoo.json", result), atomic_write_text(out / "zoo.md", "\n".join(lines))
