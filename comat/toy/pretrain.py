@@ -203,17 +203,22 @@ def _train(recipe: type, cfg: PretrainConfig, zoo: Path, work: Path) -> bool:
     return train_recipe(recipe(), cfg, zoo=zoo, work=work, progress=functools.partial(_print_progress, recipe.name))
 
 
+def _startable(pending: list[str], requires: dict[str, tuple[str, ...]], unfinished: set[str], slots: int) -> list[str]:
+    """The first ``slots`` models of ``pending`` (in order) that need nothing still ``unfinished``."""
+    return [n for n in pending if not unfinished & set(requires.get(n, ()))][:slots]
+
+
 def parallel_wall_seconds(seconds: dict[str, float], requires: dict[str, tuple[str, ...]], jobs: int) -> float:
     """Wall time of :func:`pretrain_zoo` with ``jobs`` workers, given each model's single-run time: the same
     greedy order (the recipes' order, a model starting once what it needs is exported), on idle cores."""
-    clock, finished, running, pending = 0.0, set(), [], list(seconds)
+    clock, running, pending = 0.0, [], list(seconds)
     while pending or running:
-        for name in [n for n in pending if set(requires.get(n, ())) & set(seconds) <= finished][: jobs - len(running)]:
+        unfinished = set(pending) | {n for _, n in running}
+        for name in _startable(pending, requires, unfinished, jobs - len(running)):
             pending.remove(name)
             running.append((clock + seconds[name], name))
         running.sort()
-        clock, name = running.pop(0)
-        finished.add(name)
+        clock, _ = running.pop(0)
     return clock
 
 
@@ -249,7 +254,9 @@ def pretrain_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZO
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while pending or running:
             busy = {r.name for r in pending} | {r.name for r in running.values()} | blocked
-            for recipe in [r for r in pending if not busy & set(r.requires)][: jobs - len(running)]:
+            by_name = {r.name: r for r in pending}
+            for name in _startable(list(by_name), {n: r.requires for n, r in by_name.items()}, busy, jobs - len(running)):
+                recipe = by_name[name]
                 pending.remove(recipe)
                 running[pool.submit(_train, recipe, cfg, zoo, work)] = recipe
             if not running:
