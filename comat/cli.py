@@ -342,17 +342,30 @@ def toy_pretrain(
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this long (checkpointed; rerun to resume).")] = None,
     force: Annotated[bool, typer.Option(help="Retrain models that are already in the zoo.")] = False,
     jobs: Annotated[int, typer.Option(help="Models trained at once, one process each (independent ones only).")] = 1,
+    profile: Annotated[
+        bool, typer.Option("--profile", help="Time a few steps of each recipe (--jobs at a time) and estimate the full "
+                                             "pretraining time; writes OUT/pretrain-profile.json. Trains nothing.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="With --profile: where the profile goes.")] = Path("reports/toy"),
 ) -> None:
     """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
+    from comat.io import atomic_write_json
     from comat.models.hub import TOY_ZOO
-    from comat.toy.pretrain import PretrainConfig, pretrain_zoo
+    from comat.toy.pretrain import PretrainConfig, pretrain_zoo, profile_lines, profile_zoo
     from comat.toy.registry import RECIPES
 
     if only is not None and only not in RECIPES:
         raise ComatError(f"unknown toy model '{only}'; the zoo has {', '.join(RECIPES)}")
+    if jobs < 1:
+        raise ComatError(f"--jobs {jobs}: use 1 or more")
+    recipes = [RECIPES[only]] if only else list(RECIPES.values())
     cfg = PretrainConfig(seed=seed or 0, threads=threads, max_minutes=max_minutes)
-    pretrain_zoo([RECIPES[only]] if only else list(RECIPES.values()), cfg, zoo=zoo or TOY_ZOO, work=work, jobs=jobs, force=force,
-                 log=err.print)
+    if profile:
+        result = profile_zoo(recipes, cfg, zoo=zoo or TOY_ZOO, jobs=jobs)
+        err.print("\n".join(profile_lines(result)))
+        err.print(f"wrote {atomic_write_json(out / 'pretrain-profile.json', result)}")
+        return
+    pretrain_zoo(recipes, cfg, zoo=zoo or TOY_ZOO, work=work, jobs=jobs, force=force, log=err.print)
 
 
 @toy_app.command("eval-zoo")

@@ -260,3 +260,33 @@ def test_parallel_wall_time_follows_dependencies():
     assert parallel_wall_seconds(seconds, requires, jobs=1) == sum(seconds.values())
     # A dependency already in the zoo (absent from the times) does not hold anything back.
     assert parallel_wall_seconds({"t2i": 10.0, "blip": 1.0}, requires, jobs=2) == 10.0
+
+
+class SleepyRecipe(LinearRecipe):
+    """20 ms a step on top of the tiny regression, for a long schedule."""
+
+    name, steps = "sleepy", 1000
+
+    def loss(self, modules, rng):
+        time.sleep(0.02)
+        return super().loss(modules, rng)
+
+
+class QuickRecipe(LinearRecipe):
+    name, steps = "quick", 100
+
+
+def test_profile_times_steps_and_extrapolates_without_training(tmp_path):
+    from comat.toy.pretrain import profile_zoo
+
+    profile = profile_zoo([SleepyRecipe, QuickRecipe], PretrainConfig(), zoo=tmp_path, jobs=2)
+    sleepy, quick = profile["models"]["sleepy"], profile["models"]["quick"]
+    assert 0.02 <= sleepy["seconds_per_step"] < 0.05 and quick["seconds_per_step"] < 0.02
+    assert sleepy["seconds"] == round(sleepy["seconds_per_step"] * 1000) and quick["steps"] == 100
+    assert profile["wall_seconds"] == max(sleepy["seconds"], quick["seconds"])  # independent: side by side
+    assert profile["total_seconds"] == sleepy["seconds"] + quick["seconds"]
+    assert list(tmp_path.iterdir()) == []  # nothing exported, no checkpoints left behind
+    with pytest.raises(ComatError, match="multiples of 25"):
+        profile_zoo([QuickRecipe], PretrainConfig(), zoo=tmp_path, steps=10)
+    with pytest.raises(ComatError, match="lin: schedule shorter"):
+        profile_zoo([LinearRecipe], PretrainConfig(), zoo=tmp_path)

@@ -8,6 +8,7 @@ objects well, yet still bind colours wrongly and drop objects, so that CoMat has
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from comat.models.segmenter import load_segmenter
 from comat.models.t2i import load_lora, load_t2i
 from comat.runtime import environment
 from comat.toy.prompts import SHAPES, PromptSpec, prompt_specs
-from comat.toy.pretrain import parallel_wall_seconds, read_training_record
+from comat.toy.pretrain import parallel_wall_seconds, profile_lines, read_training_record
 from comat.toy.quality import captioner_swap_accuracy, vqa_accuracy
 from comat.toy.quality_vision import detector_recall, segmenter_miou
 from comat.toy.registry import RECIPES
@@ -165,7 +166,11 @@ def write_report(result: dict, out: Path) -> tuple[Path, Path]:
     in_order = {k: seconds[k] for k in RECIPES if k in seconds}  # the order pretrain_zoo starts them in
     two_jobs = parallel_wall_seconds(in_order, {k: r.requires for k, r in RECIPES.items()}, jobs=2)
     lines += [f"- total: {sum(seconds.values()) / 3600:.2f} h",
-              f"- wall time with `comat toy pretrain --jobs 2` (these times, in the command's order): {two_jobs / 3600:.2f} h",
-              "", "Protocol: " + ", ".join(f"{k}={v}" for k, v in result["protocol"].items()),
+              f"- wall time with `comat toy pretrain --jobs 2` (these times, in the command's order): {two_jobs / 3600:.2f} h"]
+    profile = out / "pretrain-profile.json"
+    if profile.is_file():  # step times measured in one run, where the records above mix runs on busier machines
+        lines += ["", f"Pretraining time estimated by `comat toy pretrain --profile` ({profile.name}):", ""]
+        lines += profile_lines(json.loads(profile.read_text()))
+    lines += ["", "Protocol: " + ", ".join(f"{k}={v}" for k, v in result["protocol"].items()),
               "", "Environment: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
     return atomic_write_json(out / "zoo.json", result), atomic_write_text(out / "zoo.md", "\n".join(lines))

@@ -17,6 +17,7 @@ import functools
 import json
 import multiprocessing
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -222,6 +223,51 @@ def parallel_wall_seconds(seconds: dict[str, float], requires: dict[str, tuple[s
     return clock
 
 
+def _seconds_per_step(recipe: type, cfg: PretrainConfig, zoo: Path, warmup: int, steps: int) -> float:
+    marks: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as work:
+        train_recipe(recipe(), dataclasses.replace(cfg, pause_at_step=warmup + steps, ckpt_every_s=float("inf")),
+                     zoo=zoo, work=Path(work), progress=lambda step, total, row: marks.setdefault(step, time.monotonic()))
+    return (marks[warmup + steps] - marks[warmup]) / steps
+
+
+def profile_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZOO, jobs: int = 1, warmup: int = LOG_EVERY,
+                steps: int = 2 * LOG_EVERY) -> dict:
+    """Time ``steps`` training steps of each recipe after ``warmup`` ones (throw-away checkpoints; the zoo is only
+    read), ``jobs`` recipes at a time as ``pretrain_zoo`` runs them, and extrapolate to the full schedules.
+
+    Times the first phase of each schedule, which for the phased recipes is the most expensive one. Models a
+    recipe requires are read from ``zoo``, so they must be there."""
+    if warmup % LOG_EVERY or steps % LOG_EVERY or steps <= 0:
+        raise ComatError(f"profile warmup {warmup} and steps {steps} must be positive multiples of {LOG_EVERY}")
+    short = [r.name for r in recipes if r.steps < warmup + steps]
+    if short:
+        raise ComatError(f"{', '.join(short)}: schedule shorter than the {warmup + steps} steps a profile times")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {r.name: pool.submit(_seconds_per_step, r, cfg, zoo, warmup, steps) for r in recipes}
+        per_step = {name: round(f.result(), 4) for name, f in futures.items()}
+    models = {r.name: {"seconds_per_step": per_step[r.name], "steps": r.steps, "seconds": round(per_step[r.name] * r.steps)}
+              for r in recipes}
+    seconds = {name: m["seconds"] for name, m in models.items()}
+    return {"models": models, "total_seconds": sum(seconds.values()),
+            "wall_seconds": round(parallel_wall_seconds(seconds, {r.name: r.requires for r in recipes}, jobs)),
+            "protocol": {"jobs": jobs, "threads": cfg.threads, "warmup_steps": warmup, "timed_steps": steps,
+                         "seed": cfg.seed},
+            "environment": environment()}
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """Markdown lines for a :func:`profile_zoo` result."""
+    p = profile["protocol"]
+    lines = [f"- {name}: {m['seconds_per_step']:.3f} s/step x {m['steps']} steps = {m['seconds']} s"
+             for name, m in profile["models"].items()]
+    return lines + [f"- total: {profile['total_seconds'] / 3600:.2f} h; wall time with `--jobs {p['jobs']}`: "
+                    f"{profile['wall_seconds'] / 3600:.2f} h",
+                    f"- protocol: {p['timed_steps']} steps timed after {p['warmup_steps']} warm-up steps, {p['jobs']} "
+                    f"recipes at a time, {p['threads']} thread(s) each, seed {p['seed']}; "
+                    + ", ".join(f"{k} {v}" for k, v in profile["environment"].items())]
+
+
 def pretrain_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZOO, work: Path, jobs: int = 1,
                  force: bool = False, log: Callable[[str], None] = print) -> bool:
     """Train ``recipes`` (classes, dependencies first) ``jobs`` at a time (one process each, ``cfg.threads``
@@ -229,8 +275,6 @@ def pretrain_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZO
 
     Independent models train side by side because one small model cannot keep several cores busy: on the
     2-core development machine two single-threaded recipes finish the zoo in about half the wall time."""
-    if jobs < 1:
-        raise ComatError(f"--jobs {jobs}: use 1 or more")
     pending = []
     for recipe in recipes:
         if read_training_record(zoo, recipe.name).get("steps", 0) >= recipe.steps and not force:
