@@ -122,9 +122,8 @@ def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
     middle = (recipe.constant_steps + recipe.decay_steps) // 2
     for step, lr, ema in ((0, recipe.lr, 0.995), (recipe.constant_steps - 1, recipe.lr, 0.995),
                           (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema),
-                          (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / 8000), recipe.decay_ema),
-                          (recipe.restart_steps[0], recipe.restart_lr, recipe.decay_ema),
-                          (recipe.steps - 1, recipe.restart_lr, recipe.decay_ema)):
+                          (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / (recipe.decay_steps - recipe.constant_steps)), recipe.decay_ema),
+                          (recipe.steps - 1, recipe.lr * recipe.final_lr_fraction, recipe.decay_ema)):
         recipe.at_step(step, {}, opt)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema
 
@@ -153,14 +152,10 @@ def test_min_snr_weights_of_v_prediction_keep_the_zero_snr_step():
     torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0).double(), torch.tensor(expected, dtype=torch.float64))
 
 
-def test_unet_last_stage_learns_v_on_the_zero_terminal_snr_schedule(monkeypatch):
+def test_unet_learns_v_on_the_zero_terminal_snr_schedule(monkeypatch):
     from comat.toy import recipes
 
     recipe = recipes.UnetRecipe()
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    recipe.at_step(recipe.restart_steps[1] - 1, {}, opt)
-    assert recipe.scheduler.config.prediction_type == "epsilon"
-    recipe.at_step(recipe.restart_steps[1], {}, opt)
     assert recipe.scheduler.config.prediction_type == "v_prediction"
     assert recipe.scheduler.config.timestep_spacing == "trailing" and recipe.scheduler.config.rescale_betas_zero_snr
 
@@ -171,7 +166,7 @@ def test_unet_last_stage_learns_v_on_the_zero_terminal_snr_schedule(monkeypatch)
     recipe.batch, recipe.prompt_dropout = 2, 0.0
     recipe.vae = NS(config=NS(scaling_factor=1.0), encode=lambda x: NS(latent_dist=NS(sample=lambda: latents)))
     recipe.text_encoder = lambda ids: NS(last_hidden_state=torch.zeros(2, 77, 8))
-    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng: (torch.zeros(n, 3, 64, 64), ["a"] * n, None))
+    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng, categories: (torch.zeros(n, 3, 64, 64), ["a"] * n, None))
     monkeypatch.setattr(torch, "randn_like", lambda x: noise)
 
     def loss_of(predict):

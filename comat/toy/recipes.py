@@ -19,7 +19,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextMode
 
 from comat.models.tokenizer import clip_tokenizer
 from comat.toy.pretrain import export_fp16
-from comat.toy.prompts import COLORS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec
+from comat.toy.prompts import CATEGORIES, COLORS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec
 from comat.toy.world import SIZE, sample_batch
 
 TEXT_MAX_LENGTH = 32  # toy prompts stay under 25 CLIP tokens; shorter sequences make every step cheaper
@@ -196,45 +196,33 @@ class UnetRecipe:
     """The denoiser, trained on latents of the frozen VAE with the frozen CLIP text tower, 10% prompt
     dropout for classifier-free guidance and an EMA copy; exported as the full ``t2i`` pipeline.
 
-    Constant learning rate and a short EMA for ``constant_steps``, then a linear decay to 5% with a longer EMA:
-    at the end of the constant phase the sampled single objects had the right colour only 66% of the time and
-    the right size 64% (guidance 3), the weights still moving too much to settle attribute details. From
-    ``restart_steps[0]`` a third stage on the latents of the VAE's third stage (which moved them by 12%) with min-SNR-5
-    weighting: single-object acceptance at guidance 4 went from 0.51 to 0.62 (colour 0.80 -> 0.89, texture 0.80 ->
-    0.93, size 0.59 -> 0.61; 240 samples). The shipped UNet spent its first 20000 steps on the VAE before that stage;
-    a run from scratch trains on the finished VAE throughout.
+    V-prediction on the zero-terminal-SNR schedule (:func:`toy_scheduler`) with min-SNR-5 weighting
+    (:func:`min_snr_weights`) from the first step. An epsilon model's samplers start at t=960, where the cosine
+    schedule still leaves 6% of the signal that pure noise lacks: a third of the samples of small single objects came
+    out as blank canvas at every sampler and guidance scale tried; min-SNR weighting moves each update towards the
+    high-noise steps where an object's size, colour and place are decided.
 
-    From ``restart_steps[1]`` a fourth stage turns the epsilon model into a v-prediction one on the zero-terminal-SNR
-    schedule (:func:`toy_scheduler`). The epsilon model's samplers start at t=960, where the cosine schedule still
-    leaves 6% of the signal that pure noise lacks: a third of the samples of small single objects came out as blank
-    canvas, at every sampler and guidance scale tried (DDIM 25/50, DDPM 100, Euler-ancestral, DPM++, guidance 3-9).
-    4000 steps of the fourth stage (2046 s) took single-object acceptance at guidance 6 from 0.53 to 0.64 and blank
-    samples from 15% to 8% (small objects 31% -> 18%; 244 samples); objects asked to be big still come out big only
-    about half the time."""
+    Constant learning rate and a short EMA for ``constant_steps``, then a linear decay to 5% with a longer EMA, which
+    settles attribute details the constant phase leaves moving. A batch draws each scene's prompt category from
+    ``categories``: all eight, single objects four more times and the shape category (sizes) twice more, because
+    with a uniform draw only ~17% of prompts name a size and objects asked to be big came out big half the time.
+    The history of these choices (an epsilon model turned into this one in later stages): reports/toy/zoo-experiments.md."""
 
-    name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 30000, 5e-4, 0.995, 32
-    constant_steps, decay_steps, final_lr_fraction, decay_ema = 12000, 20000, 0.05, 0.999
-    restart_steps, restart_lr, restart_snr_gamma = (20000, 26000), 1e-4, 5.0
-    prompt_dropout = 0.1
-    snr_gamma: float | None = None  # set by at_step
+    name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 18000, 5e-4, 0.995, 32
+    constant_steps, decay_steps, final_lr_fraction, decay_ema = 8000, 16000, 0.05, 0.999
+    snr_gamma, prompt_dropout = 5.0, 0.1
+    categories = CATEGORIES + ("single",) * 4 + ("shape",) * 2
+    restart_steps = (0,)  # one stage; its data stream is seeded [seed, 0] like any stage's, as the shipped run's was
 
     def at_step(self, step: int, modules, opt) -> None:
         progress = min(1.0, max(0.0, (step - self.constant_steps) / (self.decay_steps - self.constant_steps)))
-        restarted = step >= self.restart_steps[0]
         for group in opt.param_groups:
-            group["lr"] = self.restart_lr if restarted else self.lr * (1 - (1 - self.final_lr_fraction) * progress)
+            group["lr"] = self.lr * (1 - (1 - self.final_lr_fraction) * progress)
         self.ema = type(self).ema if step < self.constant_steps else self.decay_ema
-        self.snr_gamma = self.restart_snr_gamma if restarted else None
-        self.scheduler = self.schedulers[step >= self.restart_steps[1]]
-
-    def load_export(self, modules, zoo: Path) -> None:
-        modules["unet"].load_state_dict(
-            UNet2DConditionModel.from_pretrained(zoo / self.name / "unet", dtype=torch.float32).state_dict())
 
     def __init__(self) -> None:
         self.tokenizer = toy_tokenizer()
-        self.schedulers = (toy_scheduler(), toy_scheduler(v_prediction=True))  # epsilon stages, the v stage
-        self.scheduler = self.schedulers[0]  # at_step picks the stage's
+        self.scheduler = toy_scheduler(v_prediction=True)
 
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
         self.vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32).requires_grad_(False).eval()
@@ -248,7 +236,7 @@ class UnetRecipe:
         return {"unet": unet}
 
     def loss(self, modules, rng):
-        images, prompts, _ = sample_batch(self.batch, rng)
+        images, prompts, _ = sample_batch(self.batch, rng, self.categories)
         prompts = ["" if rng.random() < self.prompt_dropout else p for p in prompts]
         with torch.no_grad():
             latents = self.vae.encode(images * 2 - 1).latent_dist.sample() * self.vae.config.scaling_factor
@@ -256,20 +244,13 @@ class UnetRecipe:
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch,))
         pred = modules["unet"](self.scheduler.add_noise(latents, noise, t), t, context).sample
-        v = self.scheduler.config.prediction_type == "v_prediction"
-        target = self.scheduler.get_velocity(latents, noise, t) if v else noise
-        if self.snr_gamma is None:
-            return F.mse_loss(pred, target), {}
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = F.mse_loss(pred, self.scheduler.get_velocity(latents, noise, t), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * min_snr_weights(self.scheduler, t, self.snr_gamma)).mean(), {}
 
     def export(self, modules, zoo: Path) -> None:
-        # The zoo's VAE as it is now: it is the one this UNet's last stage was trained on.
-        vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32)
-        scheduler = self.schedulers[self.steps > self.restart_steps[1]]  # the last stage's
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=modules["unet"],
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.to(torch.float16).save_pretrained(zoo / self.name, safe_serialization=True)
         share_zoo_files(zoo / self.name, zoo)
