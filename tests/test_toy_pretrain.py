@@ -129,9 +129,11 @@ def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
 
 
 def test_min_snr_weights_match_the_formula():
-    from comat.toy.recipes import min_snr_weights, toy_scheduler
+    from diffusers import DDPMScheduler
 
-    scheduler = toy_scheduler()
+    from comat.toy.recipes import min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # epsilon prediction
     t = torch.tensor([0, 300, 999])
     alpha_bar = scheduler.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)
@@ -143,7 +145,7 @@ def test_min_snr_weights_match_the_formula():
 def test_min_snr_weights_of_v_prediction_keep_the_zero_snr_step():
     from comat.toy.recipes import min_snr_weights, toy_scheduler
 
-    scheduler = toy_scheduler(v_prediction=True)
+    scheduler = toy_scheduler()
     t = torch.tensor([0, 300, 999])
     alpha_bar = scheduler.alphas_cumprod[t].double()
     snr = alpha_bar / (1 - alpha_bar)

@@ -19,7 +19,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextMode
 
 from comat.models.tokenizer import clip_tokenizer
 from comat.toy.pretrain import export_fp16
-from comat.toy.prompts import CATEGORIES, COLORS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec
+from comat.toy.prompts import CATEGORIES, COLORS, SHAPES, SIZES, TEXTURES, PromptSpec
 from comat.toy.world import SIZE, sample_batch
 
 TEXT_MAX_LENGTH = 32  # toy prompts stay under 25 CLIP tokens; shorter sequences make every step cheaper
@@ -167,14 +167,11 @@ class VaeRecipe:
         export_fp16(vae, zoo / self.name)
 
 
-def toy_scheduler(v_prediction: bool = False) -> DDPMScheduler:
-    """The toy UNet's noise schedule. ``v_prediction``: the zero-terminal-SNR variant (Lin et al. 2024, "Common
-    Diffusion Noise Schedules and Sample Steps are Flawed"): betas rescaled so the last step is pure noise, the
+def toy_scheduler() -> DDPMScheduler:
+    """The toy UNet's noise schedule: the zero-terminal-SNR variant (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed") of the cosine schedule: betas rescaled so the last step is pure noise, the
     model predicts v (epsilon is undefined there), and samplers start at t=999 (trailing spacing), as SD 2.x-style
-    checkpoints fine-tuned with it are configured."""
-    if not v_prediction:
-        return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                             prediction_type="epsilon", steps_offset=1)
+    checkpoints trained with it are configured."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, steps_offset=1,
                          prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
@@ -222,7 +219,7 @@ class UnetRecipe:
 
     def __init__(self) -> None:
         self.tokenizer = toy_tokenizer()
-        self.scheduler = toy_scheduler(v_prediction=True)
+        self.scheduler = toy_scheduler()
 
     def build(self, zoo: Path) -> dict[str, torch.nn.Module]:
         self.vae = AutoencoderKL.from_pretrained(zoo / "vae", dtype=torch.float32).requires_grad_(False).eval()
