@@ -35,6 +35,16 @@ def environment() -> dict[str, str]:
     return {"python": platform.python_version(), **versions}
 
 
+def machine() -> dict[str, str | int]:
+    """The CPU that timings were taken on: the same code ran 1.5x slower on one 2-core host than on another."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return {"cpu": model, "cores": os.cpu_count() or 1}
+
+
 def cache_dir() -> Path:
     """Where reusable artefacts live (generated images, judge answers, latents, data): ``$COMAT_CACHE``, default
     ``~/.cache/comat``."""

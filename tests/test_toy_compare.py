@@ -39,12 +39,13 @@ def test_eval_zoo_reports_every_bar_on_the_committed_zoo(tmp_path):
     assert all(0 <= b["value"] <= 1 for b in result["bars"])
     assert result["training"]["t2i"]["steps"] and result["training"]["t2i"]["train_seconds"]
     profile = {"models": {"t2i": {"seconds_per_step": 0.5, "steps": 10, "seconds": 5}}, "total_seconds": 5,
-               "wall_seconds": 5, "protocol": {"jobs": 2, "threads": 1, "warmup_steps": 25, "timed_steps": 50, "seed": 0},
+               "wall_seconds": 5, "protocol": {"jobs": 2, "threads": 1, "warmup_steps": 25, "timed_steps": 50, "seed": 0,
+                                                "machine": {"cpu": "Test CPU", "cores": 2}},
                "environment": {"torch": "x"}}
     (tmp_path / "pretrain-profile.json").write_text(json.dumps(profile))
     json_path, md_path = write_report(result, tmp_path)
     text = md_path.read_text()
     assert "| vqa_accuracy | >= 0.97 |" in text and "total:" in text and json_path.is_file()
-    assert "- t2i: 0.500 s/step x 10 steps = 5 s" in text and "wall time with `--jobs 2`: 0.00 h" in text
+    assert "- t2i: 0.500 s/step x 10 steps = 5 s" in text and "wall time with `--jobs 2`: 0.00 h" in text and "seed 0, Test CPU (2 cores);" in text
     # the sampler is read from the shipped scheduler, not assumed
     assert "sampler=DDIM (v_prediction, trailing spacing, zero terminal SNR)" in text

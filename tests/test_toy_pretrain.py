@@ -282,6 +282,7 @@ def test_profile_times_steps_and_extrapolates_without_training(tmp_path):
     assert sleepy["seconds"] == round(sleepy["seconds_per_step"] * 1000) and quick["steps"] == 100
     assert profile["wall_seconds"] == max(sleepy["seconds"], quick["seconds"])  # independent: side by side
     assert profile["total_seconds"] == sleepy["seconds"] + quick["seconds"]
+    assert profile["protocol"]["machine"]["cores"] >= 1 and profile["protocol"]["machine"]["cpu"]  # timings need their host
     assert list(tmp_path.iterdir()) == []  # nothing exported, no checkpoints left behind
     with pytest.raises(ComatError, match="multiples of 25"):
         profile_zoo([QuickRecipe], PretrainConfig(), zoo=tmp_path, steps=10)

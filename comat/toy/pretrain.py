@@ -29,7 +29,7 @@ from comat.checkpoint import load_checkpoint, save_checkpoint
 from comat.errors import ComatError
 from comat.io import atomic_write_json
 from comat.models.hub import TOY_ZOO
-from comat.runtime import environment
+from comat.runtime import environment, machine
 
 LOG_EVERY = 25
 
@@ -252,7 +252,7 @@ def profile_zoo(recipes: list[type], cfg: PretrainConfig, *, zoo: Path = TOY_ZOO
     return {"models": models, "total_seconds": sum(seconds.values()),
             "wall_seconds": round(parallel_wall_seconds(seconds, {r.name: r.requires for r in recipes}, jobs)),
             "protocol": {"jobs": jobs, "threads": cfg.threads, "warmup_steps": warmup, "timed_steps": steps,
-                         "seed": cfg.seed},
+                         "seed": cfg.seed, "machine": machine()},
             "environment": environment()}
 
 
@@ -264,7 +264,8 @@ def profile_lines(profile: dict) -> list[str]:
     return lines + [f"- total: {profile['total_seconds'] / 3600:.2f} h; wall time with `--jobs {p['jobs']}`: "
                     f"{profile['wall_seconds'] / 3600:.2f} h",
                     f"- protocol: {p['timed_steps']} steps timed after {p['warmup_steps']} warm-up steps, {p['jobs']} "
-                    f"recipes at a time, {p['threads']} thread(s) each, seed {p['seed']}; "
+                    f"recipes at a time, {p['threads']} thread(s) each, seed {p['seed']}"
+                    + (f", {p['machine']['cpu']} ({p['machine']['cores']} cores)" if "machine" in p else "") + "; "
                     + ", ".join(f"{k} {v}" for k, v in profile["environment"].items())]
 
 
