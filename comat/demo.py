@@ -15,7 +15,7 @@ from comat.train_config import load_train_config
 
 BENCHMARK = "t2i-compbench"
 # The toy preset's 300 steps take 16 min on the 2-core development machine and the two evaluations 4 more; 180 steps
-# keep the whole demo within 15 min (measured 20.3 min at 300 steps, 3.2 s per step).
+# keep the whole demo within 15 min there (measured 20.3 min at 300 steps, 3.2 s per step); a host 1.4x slower takes 20.
 DEMO_STEPS = 180
 
 

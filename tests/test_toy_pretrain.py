@@ -114,18 +114,37 @@ def test_recipe_phases_hold_across_a_resume(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_unet_learning_rate_decays_linearly_after_the_constant_phase():
+def test_unet_learning_rate_decays_linearly_after_the_constant_phase_then_the_second_stage_adds_texture():
     from comat.toy.recipes import UnetRecipe
 
     recipe = UnetRecipe()
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
-    middle = (recipe.constant_steps + recipe.decay_steps) // 2
-    for step, lr, ema in ((0, recipe.lr, 0.995), (recipe.constant_steps - 1, recipe.lr, 0.995),
-                          (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema),
-                          (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / (recipe.decay_steps - recipe.constant_steps)), recipe.decay_ema),
-                          (recipe.steps - 1, recipe.lr * recipe.final_lr_fraction, recipe.decay_ema)):
+    middle, second = (recipe.constant_steps + recipe.decay_steps) // 2, recipe.restart_steps[1]
+    first_mix, second_mix = recipe.first_categories, recipe.second_categories
+    assert second_mix.count("texture") == first_mix.count("texture") + 2
+    for step, lr, ema, mix in ((0, recipe.lr, 0.995, first_mix), (recipe.constant_steps - 1, recipe.lr, 0.995, first_mix),
+                               (middle, recipe.lr * (1 - (1 - recipe.final_lr_fraction) / 2), recipe.decay_ema, first_mix),
+                               (recipe.decay_steps - 1, recipe.lr * (recipe.final_lr_fraction + 0.95 / (recipe.decay_steps - recipe.constant_steps)), recipe.decay_ema, first_mix),
+                               (second - 1, recipe.lr * recipe.final_lr_fraction, recipe.decay_ema, first_mix),
+                               (second, recipe.second_lr, recipe.decay_ema, second_mix),
+                               (recipe.steps - 1, recipe.second_lr, recipe.decay_ema, second_mix)):
         recipe.at_step(step, {}, opt)
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema and recipe.categories == mix
+
+
+def test_unet_second_stage_starts_from_the_shipped_export():
+    from diffusers import UNet2DConditionModel
+
+    from comat.models.hub import TOY_ZOO
+    from comat.toy.recipes import UnetRecipe
+
+    recipe = UnetRecipe()
+    modules = recipe.build(TOY_ZOO)  # freshly initialised
+    shipped = UNet2DConditionModel.from_pretrained(TOY_ZOO / "t2i" / "unet", dtype=torch.float32).state_dict()
+    assert not torch.equal(modules["unet"].state_dict()["conv_in.weight"], shipped["conv_in.weight"])
+    recipe.load_export(modules, TOY_ZOO)
+    for k, v in modules["unet"].state_dict().items():
+        torch.testing.assert_close(v, shipped[k], rtol=0, atol=0)
 
 
 def test_min_snr_weights_match_the_formula():
