@@ -49,3 +49,26 @@ def test_eval_zoo_reports_every_bar_on_the_committed_zoo(tmp_path):
     assert "- t2i: 0.500 s/step x 10 steps = 5 s" in text and "wall time with `--jobs 2`: 0.00 h" in text and "seed 0, Test CPU (2 cores);" in text
     # the sampler is read from the shipped scheduler, not assumed
     assert "sampler=DDIM (v_prediction, trailing spacing, zero terminal SNR)" in text
+
+
+def test_single_object_breakdown_asks_about_each_attribute_alone():
+    from comat.toy.eval_zoo import single_object_by_attribute
+    from comat.toy.prompts import Mention
+
+    class DotBlindJudge:  # accepts every question except those about dots
+        def __init__(self):
+            self.asked = []
+
+        def yes_probability(self, images, questions):
+            self.asked += questions
+            return torch.tensor([0.0 if "dotted" in q else 1.0 for q in questions])
+
+    mentions = [Mention("triangle", "red", "dotted", "big"), Mention("circle", None, "striped"),
+                Mention("square", "blue", "dotted"), Mention("cross")]
+    judge = DotBlindJudge()
+    result = single_object_by_attribute(judge, torch.zeros(4, 3, 8, 8), mentions)
+    assert result == {"t2i.single_object.color.blue": 1.0, "t2i.single_object.color.red": 1.0,
+                      "t2i.single_object.texture.dotted": 0.0, "t2i.single_object.texture.striped": 1.0,
+                      "t2i.single_object.size.big": 1.0}
+    # the size question leaves the dots out, so a sample that misses its texture can still pass on size
+    assert "a big triangle?" in judge.asked and "a dotted triangle?" in judge.asked and "a red triangle?" in judge.asked

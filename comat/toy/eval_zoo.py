@@ -21,7 +21,7 @@ from comat.models.captioners import load_captioner
 from comat.models.segmenter import load_segmenter
 from comat.models.t2i import load_lora, load_t2i
 from comat.runtime import environment
-from comat.toy.prompts import SHAPES, PromptSpec, prompt_specs
+from comat.toy.prompts import SHAPES, Mention, PromptSpec, prompt_specs
 from comat.toy.pretrain import parallel_wall_seconds, profile_lines, read_training_record
 from comat.toy.quality import captioner_swap_accuracy, vqa_accuracy
 from comat.toy.quality_vision import detector_recall, segmenter_miou
@@ -75,13 +75,31 @@ def _phrase_questions(spec: PromptSpec) -> list[str]:
     return [m.text + "?" for m in spec.mentions]
 
 
+def single_object_by_attribute(vqa: VqaJudge, images: torch.Tensor, mentions: list[Mention]) -> dict[str, float]:
+    """Which attribute single-object samples get wrong: for each sample whose prompt names a colour, texture or size,
+    the judge is asked about the shape and that attribute alone ("a dotted triangle?"); acceptance per value."""
+    out = {}
+    for kind in ("color", "texture", "size"):
+        alone = {i: dataclasses.replace(m, **{k: None for k in ("color", "texture", "size") if k != kind})
+                 for i, m in enumerate(mentions) if getattr(m, kind)}
+        if not alone:
+            continue
+        ok = vqa.yes_probability(images[list(alone)], [m.text + "?" for m in alone.values()]) > 0.5
+        for value in sorted({getattr(m, kind) for m in alone.values()}):
+            hits = [bool(o) for m, o in zip(alone.values(), ok) if getattr(m, kind) == value]
+            out[f"t2i.single_object.{kind}.{value}"] = sum(hits) / len(hits)
+    return out
+
+
 def t2i_metrics(pipe, vqa: VqaJudge, detector: Detector, cfg: ZooEvalConfig) -> dict[str, float]:
-    """Single-object acceptance, two-object colour binding, and the rate of prompted objects not drawn."""
+    """Single-object acceptance (overall and per attribute value), two-object colour binding, and the rate of prompted
+    objects not drawn."""
     n = cfg.images_per_prompt
     single = prompt_specs("single", "eval")
     images = sample_images(pipe, [s.text for s in single], cfg)
     questions = [q for s in single for q in _phrase_questions(s) * n]
     single_ok = (vqa.yes_probability(images, questions) > 0.5).float().mean().item()
+    by_attribute = single_object_by_attribute(vqa, images, [s.mentions[0] for s in single for _ in range(n)])
 
     color = prompt_specs("color", "eval")
     images = sample_images(pipe, [s.text for s in color], cfg)
@@ -95,6 +113,7 @@ def t2i_metrics(pipe, vqa: VqaJudge, detector: Detector, cfg: ZooEvalConfig) -> 
     missing = sum(shape not in found for found, shape in prompted) / len(prompted)
     return {
         "t2i.single_object": single_ok,
+        **by_attribute,
         "t2i.color_binding": both.mean().item(),
         "t2i.color_binding_seen": both[~unseen].mean().item(),
         "t2i.color_binding_unseen": both[unseen].mean().item(),
