@@ -78,9 +78,10 @@ def _phrase_questions(spec: PromptSpec) -> list[str]:
 def single_object_by_attribute(vqa: VqaJudge, images: torch.Tensor, mentions: list[Mention]) -> dict[str, float]:
     """Which attribute single-object samples get wrong: for each sample whose prompt names a colour, texture or size,
     the judge is asked about the shape and that attribute alone ("a dotted triangle?"); acceptance per value."""
+    attributes = ("color", "texture", "size")
     out = {}
-    for kind in ("color", "texture", "size"):
-        alone = {i: dataclasses.replace(m, **{k: None for k in ("color", "texture", "size") if k != kind})
+    for kind in attributes:
+        alone = {i: dataclasses.replace(m, **{k: None for k in attributes if k != kind})
                  for i, m in enumerate(mentions) if getattr(m, kind)}
         if not alone:
             continue
