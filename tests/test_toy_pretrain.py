@@ -114,7 +114,7 @@ def test_recipe_phases_hold_across_a_resume(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_unet_learning_rate_decays_linearly_after_the_constant_phase_then_the_second_stage_adds_texture():
+def test_unet_learning_rate_decays_linearly_after_the_constant_phase_then_later_stages_add_texture_and_object_weight():
     from comat.toy.recipes import UnetRecipe
 
     recipe = UnetRecipe()
@@ -130,6 +130,8 @@ def test_unet_learning_rate_decays_linearly_after_the_constant_phase_then_the_se
                                (recipe.steps - 1, recipe.second_lr, recipe.decay_ema, second_mix)):
         recipe.at_step(step, {}, opt)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr) and recipe.ema == ema and recipe.categories == mix
+        assert recipe.object_weight == (recipe.third_object_weight if step >= recipe.restart_steps[2] else 0)
+    assert second < recipe.restart_steps[2] < recipe.steps and recipe.third_object_weight > 0
 
 
 def test_unet_second_stage_starts_from_the_shipped_export():
@@ -195,6 +197,34 @@ def test_unet_learns_v_on_the_zero_terminal_snr_schedule(monkeypatch):
 
     assert loss_of(lambda t: recipe.scheduler.get_velocity(latents, noise, t)) == 0
     assert loss_of(lambda t: noise) > 0.01
+
+
+def test_unet_third_stage_weighs_the_loss_of_latent_cells_an_object_touches(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from comat.toy import recipes
+
+    recipe = recipes.UnetRecipe()
+    latents, noise = torch.zeros(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    recipe.batch, recipe.prompt_dropout = 1, 0.0
+    recipe.vae = NS(config=NS(scaling_factor=1.0), encode=lambda x: NS(latent_dist=NS(sample=lambda: latents)))
+    recipe.text_encoder = lambda ids: NS(last_hidden_state=torch.zeros(1, 77, 8))
+    masks = np.zeros((1, 64, 64), bool)
+    masks[0, 22, 21] = True  # one object pixel: latent cell (5, 5) counts as the object's
+    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng, categories: (torch.zeros(1, 3, 64, 64), ["a"], [NS(masks=masks)]))
+    monkeypatch.setattr(torch, "randn_like", lambda x: noise)
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor([999]))  # zero SNR: min-SNR weight 1
+    error = torch.zeros(1, 4, 16, 16)
+    error[:, :, 0, 0], error[:, :, 5, 5] = 1.0, 2.0  # background cell, object cell
+
+    def loss_at(step):
+        recipe.at_step(step, {}, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+        unet = lambda x, t, context: NS(sample=recipe.scheduler.get_velocity(latents, noise, t) + error)
+        return recipe.loss({"unet": unet}, np.random.default_rng(0))[0].item()
+
+    k = recipe.third_object_weight
+    assert loss_at(recipe.restart_steps[2] - 1) == pytest.approx((1 + 4) / 256)
+    assert loss_at(recipe.restart_steps[2]) == pytest.approx((1 + (1 + k) * 4) / (256 + k))
 
 
 def test_vae_second_stage_trains_the_decoder_alone_and_the_third_everything(tmp_path):
