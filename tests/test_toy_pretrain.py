@@ -211,7 +211,8 @@ def test_unet_third_stage_weighs_the_loss_of_latent_cells_an_object_touches(monk
     recipe.text_encoder = lambda ids: NS(last_hidden_state=torch.zeros(1, 77, 8))
     masks = np.zeros((1, 64, 64), bool)
     masks[0, 22, 21] = True  # one object pixel: latent cell (5, 5) counts as the object's
-    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng, categories: (torch.zeros(1, 3, 64, 64), ["a"], [NS(masks=masks)]))
+    scene = NS(masks=masks)
+    monkeypatch.setattr(recipes, "sample_batch", lambda n, rng, categories: (torch.zeros(1, 3, 64, 64), ["a"], [scene]))
     monkeypatch.setattr(torch, "randn_like", lambda x: noise)
     monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor([999]))  # zero SNR: min-SNR weight 1
     error = torch.zeros(1, 4, 16, 16)

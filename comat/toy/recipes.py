@@ -210,7 +210,7 @@ class UnetRecipe:
     with a uniform draw only ~17% of prompts name a size and objects asked to be big came out big half the time.
     A second, short stage (from the first one's EMA, as an export would ship it) at a low constant learning rate
     adds texture binding twice more to that mix: the size-heavy first stage leaves textures the attribute the
-    model draws worst. A third stage, the second's settings continued, weighs the v-loss of latent cells an object
+    model draws worst. A third stage (from the second's export, with its settings) weighs the v-loss of cells an object
     touches ``1 + third_object_weight`` times the background's: objects cover a fifth of the image or less, so an
     unweighted loss is mostly background, and the dots and the size asked for were what the samples missed.
     The history of these choices: reports/toy/zoo-experiments.md."""
