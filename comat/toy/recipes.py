@@ -268,7 +268,7 @@ class UnetRecipe:
             weights = 1 + self.object_weight * F.max_pool2d(objects, SIZE // latents.shape[-1])[:, 0]
             error = (pred - velocity).pow(2).mean(dim=1)
             per_sample = (weights * error).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
-        else:
+        else:  # the unweighted stages keep their own reduction, so they reproduce the shipped exports bit for bit
             per_sample = F.mse_loss(pred, velocity, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * min_snr_weights(self.scheduler, t, self.snr_gamma)).mean(), {}
 
