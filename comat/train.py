@@ -47,15 +47,21 @@ def load_prompts(cfg: TrainConfig) -> list[str]:
     """The training prompts: ``prompts=FILE`` (one per line), the toy train split for ``prompts=toy`` (the default
     of toy models), or ``prompts=toy-open``: toy prompts over every attribute-object combination, held-out pairs
     included, except the evaluation prompts (image-free prompts, as the paper's training set shares its
-    attribute-object pairs with T2I-CompBench's evaluation prompts)."""
-    if cfg.prompts in (None, "toy", "toy-open"):
+    attribute-object pairs with T2I-CompBench's evaluation prompts). Either toy set takes a category list,
+    ``toy-open:color,single``; without one it holds the six T2I-CompBench categories."""
+    name, _, categories = (cfg.prompts or "toy").partition(":")
+    if name in ("toy", "toy-open"):
         if cfg.prompts is None and not str(cfg.model).startswith("toy"):
             raise ComatError("no training prompts: set prompts=FILE, one prompt per line (the paper trains on "
                              "T2I-CompBench train + HRS-Bench + ABC-6K), or prompts=toy")
-        from comat.toy.prompts import prompts
+        from comat.toy.prompts import CATEGORIES, prompts
 
-        split = "open" if cfg.prompts == "toy-open" else "train"
-        return [p for c in TOY_CATEGORIES for p in prompts(c, split)]
+        chosen = tuple(categories.split(",")) if categories else TOY_CATEGORIES
+        unknown = [c for c in chosen if c not in CATEGORIES]
+        if unknown:
+            raise ComatError(f"prompts={cfg.prompts}: no toy category '{unknown[0]}'; list some of "
+                             f"{', '.join(CATEGORIES)} after the colon")
+        return [p for c in chosen for p in prompts(c, "open" if name == "toy-open" else "train")]
     from comat.generate import read_prompt_file
 
     try:

@@ -318,6 +318,10 @@ def test_toy_prompt_sets():
     assert train_set == load("toy") and "a red triangle and a blue square" not in train_set
     assert set(open_set) != set(train_set)
     assert not set(open_set) & set(toy_prompts("color", "eval"))
+    chosen = load("toy-open:color,single")
+    assert chosen == toy_prompts("color", "open") + toy_prompts("single", "open")
+    with pytest.raises(ComatError, match="no toy category 'colour'"):
+        load("toy-open:colour")
     with pytest.raises(ComatError, match="prompts=FILE"):
         load_prompts(TrainConfig(model="hub/sd", prompts=None))
 
