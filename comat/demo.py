@@ -14,8 +14,8 @@ from comat.train import train
 from comat.train_config import load_train_config
 
 BENCHMARK = "t2i-compbench"
-# The toy preset's 300 steps take 16 min on the 2-core development machine and the two evaluations 4 more; 180 steps
-# keep the whole demo within 15 min there (measured 20.3 min at 300 steps, 3.2 s per step); a host 1.4x slower takes 20.
+# 180 of the toy preset's steps (about 1.5 s each on the 2-core development machine) keep the demo and its two
+# evaluations within 15 min there; the preset's full schedule is what moves colour binding (reports/toy/train).
 DEMO_STEPS = 180
 
 

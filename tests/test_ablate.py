@@ -167,8 +167,9 @@ def test_cells_with_the_same_resolved_config_share_one_training_run(tmp_path, mo
     monkeypatch.setattr(comat.train, "train", fake_train)
     runs = tmp_path / "trained"
     full = load_train_config("toy", None, ("steps=5",))
-    same = load_train_config("toy", None, ("steps=5", "mixed_latent.enabled=true", "captioner.kind=blip"))
-    other = load_train_config("toy", None, ("steps=5", "mixed_latent.enabled=false"))
+    preset_ml = full.mixed_latent.enabled  # spelling out the preset's own value changes nothing
+    same = load_train_config("toy", None, ("steps=5", f"mixed_latent.enabled={preset_ml}", "captioner.kind=blip"))
+    other = load_train_config("toy", None, ("steps=5", f"mixed_latent.enabled={not preset_ml}"))
     lora = ablate.train_shared(full, runs, "cpu", print)
     assert ablate.train_shared(same, runs, "cpu", print) == lora and len(trained) == 1
     assert ablate.train_shared(other, runs, "cpu", print) != lora and len(trained) == 2
