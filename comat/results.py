@@ -58,8 +58,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def write_run(out: Path, name: str, *, records: Sequence[dict], aggregate: dict, rows: Sequence[Row],
               manifest: dict, title: str | None = None, notes: Sequence[str] = (), csv_rows: Sequence[Row] | None = None,
               manifest_name: str = "manifest.json") -> dict[str, Path]:
-    """Write ``<name>.samples.jsonl``, ``<name>.json``, ``<name>.md``, ``<name>.csv`` (``csv_rows`` when the Markdown
-    rows hold formatted text) and the manifest into ``out``; the manifest gains the package versions."""
+    """Write ``<name>.samples.jsonl`` (only when there are per-sample ``records``), ``<name>.json``, ``<name>.md``,
+    ``<name>.csv`` (``csv_rows`` when the Markdown rows hold formatted text) and the manifest into ``out``; the
+    manifest gains the package versions."""
     out = Path(out)
     manifest = {**manifest, "environment": manifest.get("environment") or environment()}
     protocol = manifest.get("protocol", {})
@@ -67,8 +68,9 @@ def write_run(out: Path, name: str, *, records: Sequence[dict], aggregate: dict,
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md += [f"Manifest: [{manifest_name}]({manifest_name})", ""]
     csv_rows = rows if csv_rows is None else csv_rows
+    files = {"samples": write_jsonl(out / f"{name}.samples.jsonl", records)} if records else {}
     return {
-        "samples": write_jsonl(out / f"{name}.samples.jsonl", records),
+        **files,
         "aggregate": atomic_write_json(out / f"{name}.json", {**aggregate, "protocol": protocol}),
         "markdown": atomic_write_text(out / f"{name}.md", "\n".join(md)),
         "csv": atomic_write_text(out / f"{name}.csv", csv_table(csv_rows)),

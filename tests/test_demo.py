@@ -21,6 +21,7 @@ def test_demo_trains_then_compares_base_and_tuned_on_toy_prompts(tiny_sd_dir, ju
         assert abs(float(r["comat"]) - float(r["base"]) - float(r["delta"])) < 1e-9
     assert (out / "base" / "t2i-compbench.md").is_file() and (out / "comat" / "t2i-compbench.md").is_file()
     assert "comat train --preset toy" in (out / "demo.md").read_text()
+    assert not (out / "demo.samples.jsonl").exists()  # the per-image records are base/'s and comat/'s, not an empty file
     # the tuned model's images are its own: the LoRA hash is part of every cache key
     models = {k: json.loads(Path(p).read_text())["model"] for k, p in result["manifest"]["evaluations"].items()}
     assert models["base"]["lora_sha256"] is None and len(models["comat"]["lora_sha256"]) == 64
