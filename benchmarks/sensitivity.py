@@ -493,7 +493,7 @@ def run(cfg: SensitivityConfig, out: Path) -> dict:
         "S": "(log p(P|I) - log p(P'|I)) / |log p(P|I)|, mean over triples",
         "corruptions": "attribute swap, relation (subject/object) swap, noun replacement", "seed": cfg.seed,
     }
-    notes = [f"skipped (caption admits no corruption of the kind): "
+    notes = ["skipped (caption admits no corruption of the kind): "
              + ", ".join(f"{k} {skipped[k]} of {len(items)}" for k in KINDS),
              "share of triples with log p(P|I) > log p(P'|I): "
              + ", ".join(f"{k} {agg['per_kind'][k]['prefers_true']:.3f}" for k in KINDS)]

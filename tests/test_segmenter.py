@@ -12,7 +12,6 @@ import torch
 from comat.errors import ComatError
 from comat.models import segmenter as seg
 from comat.models.segmenter import (
-    Segmenter,
     best_box_per_noun,
     build_custom_sam,
     detection_query,
