@@ -14,8 +14,8 @@ from comat.train import train
 from comat.train_config import load_train_config
 
 BENCHMARK = "t2i-compbench"
-# 180 of the toy preset's steps: about 5 min at the 1.6 s per step measured on the 2-core development machine, plus
-# the two evaluations; the preset's full 600-step schedule is what moves colour binding (reports/toy/train).
+# 180 of the toy preset's steps: 5.8 min of training and 9.1 min in all on the 2-core development machine (session
+# 17); the preset's full 600-step schedule is what moves colour binding (reports/toy/train).
 DEMO_STEPS = 180
 
 

@@ -298,9 +298,11 @@ def test_sdxl_one_step_through_the_cli(tiny_sdxl_dir, tiny_sd_dir, judges, tmp_p
 def test_profile_compares_selective_and_all_layer_capture(tiny_sd_dir, judges, tmp_path, fake_segmenter):
     import json
 
-    sets = base_sets(tiny_sd_dir, judges) + ["discriminator.kind=none"]
+    # AC off in the config (as in the toy preset): the profile turns it on, since capture is what it measures.
+    sets = base_sets(tiny_sd_dir, judges, ac=False) + ["discriminator.kind=none"]
     result = CliRunner().invoke(app, cli_args("--profile", "--steps", "2", "--out", str(tmp_path / "prof"), sets=sets))
     assert result.exit_code == 0, result.output
+    assert "attribute concentration is on" in result.output
     prof = json.loads((tmp_path / "prof" / "profile.json").read_text())
     sel, full = prof["selective"], prof["capture_all"]
     assert 0 < sel["explicit_layers"] < full["explicit_layers"]
