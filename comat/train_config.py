@@ -112,6 +112,9 @@ class TrainConfig:
         return f"toy/{self.captioner.kind}" if toy else DEFAULT_CAPTIONERS[self.captioner.kind]
 
     def validate(self) -> "TrainConfig":
+        for field in ("steps", "batch", "grad_accum", "sample_steps", "ckpt_every", "sample_every"):
+            if getattr(self, field) < 1:
+                raise ComatError(f"{field}={getattr(self, field)} must be a positive integer; set it with --set {field}=N")
         if self.captioner.kind not in CAPTIONER_KINDS:
             raise ComatError(f"captioner.kind '{self.captioner.kind}' does not exist; choose one of {', '.join(CAPTIONER_KINDS)}")
         if self.discriminator.kind not in DISCRIMINATOR_KINDS:

@@ -338,6 +338,8 @@ def test_bad_input_is_one_line(tiny_sd_dir, judges, tmp_path):
     for bad in ("discriminator.kind=patchgan", "captioner.kind=clip"):
         with pytest.raises(ComatError, match="does not exist"):
             config(tiny_sd_dir, judges, bad)
+    with pytest.raises(ComatError, match=r"sample_every=0 must be a positive integer; set it with --set sample_every=N"):
+        config(tiny_sd_dir, judges, "sample_every=0")
     with pytest.raises(ComatError, match="captions.jsonl"):
         comat_method.ImageCaptions("coco", 32, 0)
     coco = tmp_path / "coco"
