@@ -43,12 +43,13 @@ def save_checkpoint(
     *,
     step: int,
     modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    optimizers: dict[str, Any] | None = None,
     rng: np.random.Generator | None = None,
     extra: dict[str, Any] | None = None,
     trainable_only: bool = False,
 ) -> Path:
-    """Write a checkpoint to ``directory`` atomically (replacing any previous one there)."""
+    """Write a checkpoint to ``directory`` atomically (replacing any previous one there). ``optimizers`` takes any
+    object whose ``state_dict`` holds only tensors and numbers (an ``EMAModel`` too)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,7 +82,7 @@ def load_checkpoint(
     directory: str | os.PathLike,
     *,
     modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    optimizers: dict[str, Any] | None = None,
     rng: np.random.Generator | None = None,
     strict: bool = True,
 ) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 from torch import Tensor
 
 from comat.checkpoint import load_checkpoint, save_checkpoint
@@ -122,6 +123,8 @@ class Trainer:
         self.updates = self.method.updates()
         self.optimizers = {u.name: torch.optim.AdamW(u.params, lr=u.lr, betas=u.betas, weight_decay=u.weight_decay)
                            for u in self.updates}
+        # The generator's tensors only: the discriminator is not exported.
+        self.ema = EMAModel(self.updates[0].params, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.scaler = self.acc.scaler  # None unless fp16 on a GPU
         self.step = 0
         self.saved_step: int | None = None
@@ -182,6 +185,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
+        if self.ema is not None:
+            self.ema.step(self.updates[0].params)
         return norms
 
     # -- state ---------------------------------------------------------------------------------------
@@ -196,13 +201,16 @@ class Trainer:
                 "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
             }
             save_checkpoint(self.out / CKPT, step=self.step, modules=self.method.state_modules(),
-                            optimizers=self.optimizers, extra=extra, trainable_only=True)
+                            optimizers=self._states(), extra=extra, trainable_only=True)
         self.acc.wait_for_everyone()
         self.saved_step = self.step
 
+    def _states(self) -> dict:
+        return {**self.optimizers, "ema": self.ema} if self.ema is not None else self.optimizers
+
     def load_checkpoint(self) -> None:
         path = self.out / CKPT
-        state = load_checkpoint(path, modules=self.method.state_modules(), optimizers=self.optimizers, strict=False)
+        state = load_checkpoint(path, modules=self.method.state_modules(), optimizers=self._states(), strict=False)
         extra = state["extra"]
         theirs, ours = extra["resume_key"], _resume_key(self.cfg, self.method_name)
         changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -218,6 +226,18 @@ class Trainer:
         self.step = self.saved_step = state["step"]
 
     # -- outputs -------------------------------------------------------------------------------------
+
+    def save_lora(self, path: Path) -> None:
+        """The trained adapter; with ``ema_decay`` the EMA weights, the online ones staying in place for training."""
+        if self.ema is None:
+            return self.method.save(path)
+        params = self.updates[0].params
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            self.method.save(path)
+        finally:
+            self.ema.restore(params)
 
     def preview(self) -> Path:
         """A grid of fixed prompts and seeds, sampled with the training sampler: ``samples/step_XXXXXX.png``."""
@@ -281,7 +301,7 @@ class Trainer:
             logger.close()
         lora = out / LORA
         if main:
-            self.method.save(lora)
+            self.save_lora(lora)
         self.acc.wait_for_everyone()
         return lora
 

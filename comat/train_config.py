@@ -95,6 +95,7 @@ class TrainConfig:
     stop_grad: bool = True
     vae_checkpointing: bool = False
     seed: int = 0
+    ema_decay: float = 0.0  # EMA of the generator's trainable tensors, saved as the final LoRA; 0: off
     ckpt_every: int = 200
     sample_every: int = 200
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -121,6 +122,8 @@ class TrainConfig:
             raise ComatError(
                 f"discriminator.kind '{self.discriminator.kind}' does not exist; choose one of {', '.join(DISCRIMINATOR_KINDS)}"
             )
+        if not 0 <= self.ema_decay < 1:
+            raise ComatError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 switches the EMA off)")
         if not 0 < self.grad_steps <= self.sample_steps:
             raise ComatError(f"grad_steps={self.grad_steps} must be between 1 and sample_steps={self.sample_steps}")
         if self.attribute_concentration.steps > self.grad_steps:

@@ -185,9 +185,27 @@ def test_gradient_accumulation_steps_once_with_the_mean_gradient(tiny_sd_dir, ju
     assert all(torch.allclose(g, (a + b) / 2, rtol=1e-4, atol=1e-7) for g, a, b in zip(seen[0], *per_micro))
 
 
+def test_ema_steps_once_per_update_and_is_what_the_lora_holds(tiny_sd_dir, judges, tmp_path):
+    tr = Trainer(config(tiny_sd_dir, judges, "steps=2", "grad_accum=2", "ema_decay=0.5"), tmp_path / "run",
+                 log=lambda m: None)
+    lora = tr.updates[0].params
+    online = [[p.detach().clone() for p in lora]]
+    step = tr.train_step
+    tr.train_step = lambda: (row := step(), online.append([p.detach().clone() for p in lora]))[0]
+    saved = []
+    tr.method.save = lambda path: saved.append([p.detach().clone() for p in lora])
+    tr.run()
+    # diffusers' EMAModel warms up as min(decay, (1 + n) / (10 + n)) after its n-th update: 0.1, then 2/11.
+    shadow = 0.1 * online[0][0] + 0.9 * online[1][0]
+    expected = 2 / 11 * shadow + 9 / 11 * online[2][0]
+    assert not torch.allclose(online[2][0], online[1][0])
+    assert torch.allclose(saved[0][0], expected, atol=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(lora, online[2]))  # training weights are back in place
+
+
 # ----------------------------------------------------------------------------------- resume and outputs
 
-RESUME_SETS = ("steps=4", "ckpt_every=2", "mixed_latent.enabled=true")
+RESUME_SETS = ("steps=4", "ckpt_every=2", "mixed_latent.enabled=true", "ema_decay=0.5")  # the EMA resumes too
 
 
 @pytest.fixture(scope="module")
