@@ -34,7 +34,7 @@ from comat.config import config_to_dict, write_resolved
 from comat.errors import ComatError
 from comat.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from comat.methods import Batch, FineTuneMethod, get_method
-from comat.runtime import environment, resolve_device
+from comat.runtime import environment, machine, resolve_device
 from comat.train_config import TrainConfig
 
 CKPT, LORA, LOG = "checkpoint", "lora", "log.csv"
@@ -280,7 +280,8 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             write_resolved(cfg, out, {"method": self.method_name, "prompts": len(self.prompts),
                                       "device": str(self.acc.device), "processes": self.acc.num_processes,
-                                      "mixed_precision": self.acc.mixed_precision, "environment": environment()})
+                                      "mixed_precision": self.acc.mixed_precision, "environment": environment(),
+                                      "machine": machine(), "torch_threads": torch.get_num_threads()})
         logger = _Log(out, self.step, enabled=main)
         if main and self.step == 0:
             self.preview()
