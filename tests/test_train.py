@@ -191,7 +191,13 @@ def test_ema_steps_once_per_update_and_is_what_the_lora_holds(tiny_sd_dir, judge
     lora = tr.updates[0].params
     online = [[p.detach().clone() for p in lora]]
     step = tr.train_step
-    tr.train_step = lambda: (row := step(), online.append([p.detach().clone() for p in lora]))[0]
+
+    def recorded_step():
+        row = step()
+        online.append([p.detach().clone() for p in lora])
+        return row
+
+    tr.train_step = recorded_step
     saved = []
     tr.method.save = lambda path: saved.append([p.detach().clone() for p in lora])
     tr.run()
