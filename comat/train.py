@@ -213,7 +213,9 @@ class Trainer:
         state = load_checkpoint(path, modules=self.method.state_modules(), optimizers=self._states(), strict=False)
         extra = state["extra"]
         theirs, ours = extra["resume_key"], _resume_key(self.cfg, self.method_name)
-        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        # A field added after the checkpoint was written counts as its default there: old runs still resume.
+        defaults = _flat(config_to_dict(TrainConfig()))
+        changed = sorted(k for k in ours if theirs.get(k, defaults.get(k)) != ours[k])
         if changed:
             raise ComatError(f"the checkpoint in {path} was written with a different {changed[0]} "
                              f"({theirs.get(changed[0])!r}, now {ours.get(changed[0])!r}); use another --out or --no-resume")
@@ -230,7 +232,8 @@ class Trainer:
     def save_lora(self, path: Path) -> None:
         """The trained adapter; with ``ema_decay`` the EMA weights, the online ones staying in place for training."""
         if self.ema is None:
-            return self.method.save(path)
+            self.method.save(path)
+            return
         params = self.updates[0].params
         self.ema.store(params)
         self.ema.copy_to(params)
