@@ -215,10 +215,11 @@ class Trainer:
         theirs, ours = extra["resume_key"], _resume_key(self.cfg, self.method_name)
         # A field added after the checkpoint was written counts as its default there: old runs still resume.
         defaults = _flat(config_to_dict(TrainConfig()))
-        changed = sorted(k for k in ours if theirs.get(k, defaults.get(k)) != ours[k])
+        theirs = {k: theirs.get(k, defaults.get(k)) for k in ours}
+        changed = sorted(k for k in ours if theirs[k] != ours[k])
         if changed:
             raise ComatError(f"the checkpoint in {path} was written with a different {changed[0]} "
-                             f"({theirs.get(changed[0])!r}, now {ours.get(changed[0])!r}); use another --out or --no-resume")
+                             f"({theirs[changed[0]]!r}, now {ours[changed[0]]!r}); use another --out or --no-resume")
         if self.scaler is not None and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
         kind, keys, *rest = extra["numpy"]
