@@ -92,6 +92,7 @@ class TrainConfig:
     sample_steps: int = 50
     guidance: float = 7.5
     grad_steps: int = 5  # K
+    grad_skip: int = 0  # the first grad_skip sampling steps never carry a gradient; K are spaced over the rest
     stop_grad: bool = True
     vae_checkpointing: bool = False
     seed: int = 0
@@ -124,8 +125,13 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ComatError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 switches the EMA off)")
-        if not 0 < self.grad_steps <= self.sample_steps:
-            raise ComatError(f"grad_steps={self.grad_steps} must be between 1 and sample_steps={self.sample_steps}")
+        if not 0 <= self.grad_skip < self.sample_steps:
+            raise ComatError(f"grad_skip={self.grad_skip} must be in [0, sample_steps={self.sample_steps})")
+        if not 0 < self.grad_steps <= self.sample_steps - self.grad_skip:
+            raise ComatError(
+                f"grad_steps={self.grad_steps} must be between 1 and sample_steps - grad_skip ="
+                f" {self.sample_steps - self.grad_skip}"
+            )
         if self.attribute_concentration.steps > self.grad_steps:
             raise ComatError(
                 f"attribute_concentration.steps={self.attribute_concentration.steps} exceeds grad_steps={self.grad_steps}"

@@ -167,6 +167,20 @@ def test_stop_grad_switch_changes_the_lora(tiny_sd_dir, judges, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(*loras))
 
 
+def test_grad_skip_keeps_the_gradient_off_the_first_steps(tiny_sd_dir, judges, tmp_path, monkeypatch):
+    seen = []
+    sample = comat_method.sample_with_grad
+    monkeypatch.setattr(comat_method, "sample_with_grad", lambda *a, **k: seen.append(k["grad_steps"]) or sample(*a, **k))
+    for skip in (0, 2):
+        cfg = config(tiny_sd_dir, judges, f"grad_skip={skip}", "mixed_latent.enabled=true", ac=False)
+        Trainer(cfg, tmp_path / str(skip), log=lambda m: None).method.training_loss(_batch(PROMPTS[:2]))
+    (plain, plain_mixed), (skipped, skipped_mixed) = seen[:2], seen[2:]
+    assert len(skipped) == 2 and min(skipped) >= 2 and min(skipped_mixed) >= 2
+    assert min(plain) < 2  # 4 steps, K=2: the first grad step is step 0 or 1
+    with pytest.raises(ComatError, match="grad_steps=2 must be between 1 and sample_steps - grad_skip = 1"):
+        config(tiny_sd_dir, judges, "grad_skip=3")
+
+
 def test_gradient_accumulation_steps_once_with_the_mean_gradient(tiny_sd_dir, judges, tmp_path):
     cfg = config(tiny_sd_dir, judges, "grad_accum=2", "batch=1", "grad_clip=0", "discriminator.kind=none", ac=False)
     tr = Trainer(cfg, tmp_path / "run")
