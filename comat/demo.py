@@ -14,8 +14,8 @@ from comat.train import train
 from comat.train_config import load_train_config
 
 BENCHMARK = "t2i-compbench"
-# 180 of the toy preset's steps: 5.8 min of training and 9.1 min in all on the 2-core development machine (session
-# 17); the preset's full 1200-step schedule is what moves colour binding (reports/toy/train).
+# 180 of the toy preset's steps: 3.7 min of training and 7.7 min in all on the 2-core development machine (session
+# 19); the preset's full 750-step schedule is what moves colour binding (reports/toy/train).
 DEMO_STEPS = 180
 
 

@@ -174,7 +174,7 @@ def test_grad_skip_keeps_the_gradient_off_the_first_steps(tiny_sd_dir, judges, t
     for skip in (0, 2):
         cfg = config(tiny_sd_dir, judges, f"grad_skip={skip}", "mixed_latent.enabled=true", ac=False)
         Trainer(cfg, tmp_path / str(skip), log=lambda m: None).method.training_loss(_batch(PROMPTS[:2]))
-    (plain, plain_mixed), (skipped, skipped_mixed) = seen[:2], seen[2:]
+    (plain, _), (skipped, skipped_mixed) = seen[:2], seen[2:]
     assert len(skipped) == 2 and min(skipped) >= 2 and min(skipped_mixed) >= 2
     assert min(plain) < 2  # 4 steps, K=2: the first grad step is step 0 or 1
     with pytest.raises(ComatError, match="grad_steps=2 must be between 1 and sample_steps - grad_skip = 1"):
