@@ -52,23 +52,26 @@ __all__ = [
 ]
 
 
-def grad_step_indices(T: int, K: int, generator: torch.Generator | None = None) -> list[int]:
-    """The ``K`` gradient-enabled step indices of a ``T``-step schedule: evenly spaced, random phase.
+def grad_step_indices(T: int, K: int, generator: torch.Generator | None = None, first: int = 0) -> list[int]:
+    """The ``K`` gradient-enabled step indices among steps ``first .. T-1`` of a ``T``-step schedule: evenly spaced,
+    random phase.
 
-    ``interval = T // K``, ``start ~ U{0 .. T - interval*(K-1) - 1}``, steps ``start, start+interval, ...``
-    (the official code's rule). When ``T`` is not a multiple of ``K`` the range can hold ``K + 1`` indices; only
-    the first ``K`` are kept, so exactly ``K`` steps get a gradient.
+    Over the ``n = T - first`` eligible steps, ``interval = n // K``, ``start ~ U{0 .. n - interval*(K-1) - 1}``,
+    steps ``first + start, first + start + interval, ...`` (the official code's rule, with ``first = 0``). When ``n``
+    is not a multiple of ``K`` the range can hold ``K + 1`` indices; only the first ``K`` are kept, so exactly ``K``
+    steps get a gradient.
     """
-    if K < 0 or T <= 0:
-        raise ComatError(f"need T > 0 sampling steps and K >= 0 grad steps, got T={T}, K={K}")
-    if K > T:
-        raise ComatError(f"cannot enable gradients at K={K} of only T={T} sampling steps; lower K")
+    n = T - first
+    if K < 0 or T <= 0 or not 0 <= first < T:
+        raise ComatError(f"need T > 0 sampling steps, 0 <= first < T and K >= 0 grad steps, got T={T}, first={first}, K={K}")
+    if K > n:
+        raise ComatError(f"cannot enable gradients at K={K} of only {n} sampling steps; lower K")
     if K == 0:
         return []
-    interval = T // K
-    high = T - interval * (K - 1)  # exclusive bound of start
+    interval = n // K
+    high = n - interval * (K - 1)  # exclusive bound of start
     device = generator.device if generator is not None else "cpu"
-    start = int(torch.randint(0, high, (1,), generator=generator, device=device))
+    start = first + int(torch.randint(0, high, (1,), generator=generator, device=device))
     return list(range(start, T, interval))[:K]
 
 

@@ -267,7 +267,7 @@ class CoMat(FineTuneMethod):
         b, ac = len(batch.prompts), cfg.attribute_concentration
         z = initial_latents(self.pipe, b, height=cfg.resolution, width=cfg.resolution, generator=g,
                             scheduler=self.scheduler, dtype=torch.float32)
-        grad_steps = [cfg.grad_skip + i for i in grad_step_indices(cfg.sample_steps - cfg.grad_skip, cfg.grad_steps, g)]
+        grad_steps = grad_step_indices(cfg.sample_steps, cfg.grad_steps, g, first=cfg.grad_skip)
         ac_steps = sorted(int(s) for s in batch.rng.choice(grad_steps, ac.steps, replace=False)) if self.store else []
         if self.store is not None:
             self.store.clear()
@@ -334,8 +334,7 @@ class CoMat(FineTuneMethod):
         noise = torch.randn(z0.shape, generator=g).to(z0)
         zt = self.scheduler.add_noise(z0, noise, timesteps[start : start + 1])
         first = max(start, cfg.grad_skip)
-        left = cfg.sample_steps - first
-        grad_steps = [first + i for i in grad_step_indices(left, min(cfg.grad_steps, left), g)]
+        grad_steps = grad_step_indices(cfg.sample_steps, min(cfg.grad_steps, cfg.sample_steps - first), g, first=first)
         latents = self._sample(self.encode(captions), zt, grad_steps, g, None, start=start)
         return self._i2t(self.decode(latents), captions, g)
 
