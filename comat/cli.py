@@ -113,6 +113,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default on a CPU-only machine: 1).")] = None,
 ) -> None:
     """Fine-tune a model with CoMat (concept activation, fidelity preservation, attribute concentration)."""
+    from accelerate import PartialState
+
     from comat.train import profile as run_profile, train as run_train
     from comat.train_config import load_train_config
 
@@ -126,7 +128,8 @@ def train(
         err.print(f"wrote {out / 'profile.json'}")
         return
     lora = run_train(cfg, out, method=method, device=device or "auto", resume=resume, progress=True, log=say)
-    err.print(f"wrote {lora} (diffusers LoRA), {out / 'log.csv'} and checkpoints to {out}")
+    if PartialState().is_main_process:  # under accelerate launch / torchrun every rank gets here
+        err.print(f"wrote {lora} (diffusers LoRA), {out / 'log.csv'} and checkpoints to {out}")
 
 
 def _pairs(items: Optional[list[str]], flag: str) -> dict[str, str]:

@@ -166,6 +166,10 @@ class Trainer:
                         logged["loss"] += float(loss.detach()) / n
                 if self.acc.sync_gradients:
                     logged.update(self._apply())
+        if self.acc.num_processes > 1:  # log the global batch, not rank 0's share of it
+            keys = sorted(logged)
+            means = self.acc.reduce(torch.tensor([logged[k] for k in keys], device=self.acc.device), "mean")
+            logged.update(zip(keys, means.tolist()))
         self.step += 1
         return dict(logged)
 

@@ -1,13 +1,11 @@
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from comat.engine import GenerationEngine, ImageJob, SamplerSettings
 from comat.errors import ComatError
+from tests.tiny import run_ranks
 
 JOBS = [ImageJob(p, s) for p in ("a red circle", "a blue square", "a green cross") for s in (0, 1)]
 FAST = SamplerSettings(steps=2, guidance=3.0, scheduler="ddim")
@@ -78,25 +76,11 @@ print("GENERATED", e.generated)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_make_the_same_images_as_one(tiny_sd_dir, tmp_path):
     single = GenerationEngine(str(tiny_sd_dir), sampler=FAST, batch_size=2, device="cpu", cache=tmp_path / "one")
     reference = {p.name: p.read_bytes() for p in single.generate(JOBS)}
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "ACCELERATE_USE_CPU": "true"}  # as `accelerate launch --cpu`
-        procs.append(subprocess.Popen([sys.executable, "-c", _SHARD_SCRIPT, str(tiny_sd_dir), str(tmp_path / "two")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    generated = [int(o.split("GENERATED")[1].split()[0]) for o, _ in outs]
+    outs = run_ranks(_SHARD_SCRIPT, str(tiny_sd_dir), str(tmp_path / "two"))
+    generated = [int(o.split("GENERATED")[1].split()[0]) for o in outs]
     assert sorted(generated) == [2, 4]  # three batches of two, dealt round-robin
     shard = {p.name: p.read_bytes() for p in (tmp_path / "two" / "images").rglob("*.png")}
     assert shard == reference

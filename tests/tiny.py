@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -149,3 +154,21 @@ def save_tiny_clip(path, size: int = 32, seed: int = 0):
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     CLIPProcessor(image_processor, clip_tokenizer()).save_pretrained(path)
     return path
+
+
+def run_ranks(script: str, *args: str, world: int = 2, timeout: int = 300) -> list[str]:
+    """Run ``python -c script args`` as ``world`` ranks on the CPU, as `accelerate launch --cpu` / torchrun would
+    (gloo over localhost); return each rank's stdout once all succeed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "ACCELERATE_USE_CPU": "true"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return [o for o, _ in outs]
