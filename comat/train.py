@@ -140,11 +140,15 @@ class Trainer:
         return Batch([self.prompts[i] for i in idx], step, gen, rng)
 
     def _check(self, terms: dict[str, Tensor]) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / CKPT}"
-                        if self.saved_step is not None else "no checkpoint had been written yet")
-                raise ComatError(f"step {self.step + 1}: loss term '{name}' is {float(value)}; training stopped, {kept}")
+        bad = next((f"loss term '{k}' is {float(v)}" for k, v in terms.items() if not torch.isfinite(v).all()), None)
+        if self.acc.num_processes > 1:  # all ranks stop together, or the others would wait in the next all-reduce
+            flags = self.acc.gather(torch.tensor([int(bad is not None)], device=self.acc.device))
+            if bad is None and flags.any():
+                bad = f"a loss term is not finite on rank {int(flags.nonzero()[0])}"
+        if bad is not None:
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / CKPT}"
+                    if self.saved_step is not None else "no checkpoint had been written yet")
+            raise ComatError(f"step {self.step + 1}: {bad}; training stopped, {kept}")
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``grad_accum`` micro-batches; returns the mean of every logged term."""

@@ -354,6 +354,30 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_sd_dir, judges, tmp_p
     assert load_checkpoint(out / "checkpoint", modules={})["step"] == 2 and not (out / "lora").exists()
 
 
+_NAN_RANK_SCRIPT = """
+import sys, torch
+from pathlib import Path
+import comat.methods.comat as comat_method
+from comat.errors import ComatError
+from comat.train import train
+from tests.test_train import RANK_SETS, config
+torch.set_num_threads(1)
+real = comat_method.concept_activation_loss
+nan_here = int(__import__("os").environ["RANK"]) == 1
+comat_method.concept_activation_loss = lambda *a, **k: real(*a, **k) * (float("nan") if nan_here else 1.0)
+try:
+    train(config(Path(sys.argv[1]), Path(sys.argv[2]), *RANK_SETS, "steps=2", ac=False), sys.argv[3], log=lambda m: None)
+except ComatError as e:
+    print("STOPPED", e)
+"""
+
+
+def test_nan_on_one_rank_stops_every_rank(tiny_sd_dir, judges, tmp_path):
+    outs = run_ranks(_NAN_RANK_SCRIPT, str(tiny_sd_dir), str(judges), str(tmp_path / "run"), timeout=120)
+    assert "STOPPED step 1: a loss term is not finite on rank 1" in outs[0]
+    assert "STOPPED step 1: loss term 'i2t' is nan" in outs[1]
+
+
 def test_real_latents_are_cached_across_runs(tiny_sd_dir, judges, tmp_path, monkeypatch):
     calls = []
     real = comat_method.generate_real_latents

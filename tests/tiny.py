@@ -169,6 +169,10 @@ def run_ranks(script: str, *args: str, world: int = 2, timeout: int = 300) -> li
                "ACCELERATE_USE_CPU": "true"}
         procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=timeout) for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:  # a rank left waiting on the others must not outlive the test
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), outs
     return [o for o, _ in outs]
