@@ -157,7 +157,7 @@ def save_tiny_clip(path, size: int = 32, seed: int = 0):
 
 
 def run_ranks(script: str, *args: str, world: int = 2, timeout: int = 300) -> list[str]:
-    """Run ``python -c script args`` as ``world`` ranks on the CPU, as `accelerate launch --cpu` / torchrun would
+    """Run ``python -c script args`` as ``world`` ranks on the CPU, with the environment torchrun gives each rank
     (gloo over localhost); return each rank's stdout once all succeed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
