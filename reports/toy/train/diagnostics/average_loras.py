@@ -18,7 +18,6 @@ parser.add_argument("out", type=Path)
 parser.add_argument("loras", nargs="+")
 parser.add_argument("--scale", type=float, default=1.0)
 args = parser.parse_args()
-out = args.out
 loras = [load_file(f"{d}/pytorch_lora_weights.safetensors") for d in args.loras]
 merged = {}
 for key in loras[0]:
@@ -28,5 +27,5 @@ for key in loras[0]:
     else:
         assert ".lora.up." in key, key
         merged[key] = (torch.cat(parts, 1) * (args.scale / len(parts))).contiguous()
-out.mkdir(parents=True, exist_ok=True)
-save_file(merged, str(out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+args.out.mkdir(parents=True, exist_ok=True)
+save_file(merged, str(args.out / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
