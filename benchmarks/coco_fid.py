@@ -1,4 +1,4 @@
-"""COCO FID-10K (REFERENCE 2.4): FID of one generated image per caption against the captions' real images.
+"""COCO FID-10K: FID of one generated image per caption against the captions' real images.
 
 Real world. ``--data DIR`` is a directory holding the COCO 2014 validation annotations and images as their zips
 unpack::
@@ -38,14 +38,25 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import PIL.Image
 
-from benchmarks.registry import Benchmark, Sample, register
-from comat.engine import load_image
-from comat.errors import ComatError
-from comat.fid import (
-    INCEPTION_REF, PREPROCESSING, Statistics, cached_statistics, centre_crop_resize, decode_features, encode_features,
-    extract, frechet_distance, inception_weights, is_inception_ref, to_batch,
+from comat.core.errors import ComatError
+from comat.core.results import write_jsonl
+from comat.evaluation.benchmark import Benchmark, Sample
+from comat.evaluation.registry import register
+from comat.generation.engine import load_image
+from comat.judges.fid import (
+    INCEPTION_REF,
+    PREPROCESSING,
+    Statistics,
+    cached_statistics,
+    centre_crop_resize,
+    decode_features,
+    encode_features,
+    extract,
+    frechet_distance,
+    inception_weights,
+    is_inception_ref,
+    to_batch,
 )
-from comat.results import write_jsonl
 
 ROLE = "fid_features"
 ANNOTATIONS = "annotations/captions_val2014.json"
@@ -127,7 +138,6 @@ class CocoFid(Benchmark):
             raise ComatError("the coco-fid protocol needs sampler.resolution (real images are resized to it)")
         self.resolution = int(protocol.sampler.resolution)
         self.preprocessing = PREPROCESSING.format(size=self.resolution)
-        self.notes: list[str] = []
         self._reference: list[Any] = []  # toy: uint8 arrays; real: image paths
         self._data_key = ""
         self._ref = ""

@@ -1,4 +1,4 @@
-"""Prompt attack (Du et al., "Stable Diffusion is Unstable", NeurIPS 2023; REFERENCE 2.6): data, class subset,
+"""Prompt attack (Du et al., "Stable Diffusion is Unstable", NeurIPS 2023): data, class subset,
 the success-rate run (``comat attack``) and its table beside the CoMat paper's rows.
 
 Data: upstream's ``imageNet_short_prompt.csv`` ("a photo of a {class} and a") and ``imageNet_long_prompt.csv`` (one
@@ -27,14 +27,20 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.registry import Benchmark, Sample, load_protocol, register
-from comat.attack import (
-    AttackSettings, PromptAttacker, ZeroShotClassifier, attack_succeeded, class_in_text, class_margin, vocabulary,
+from comat.core.errors import ComatError
+from comat.evaluation.attack import (
+    AttackSettings,
+    PromptAttacker,
+    ZeroShotClassifier,
+    attack_succeeded,
+    class_in_text,
+    class_margin,
+    vocabulary,
 )
-from comat.engine import GenerationEngine, ImageJob, load_image
-from comat.errors import ComatError
-from comat.judges.cached import Judges
-from comat.results import write_run
+from comat.evaluation.benchmark import Benchmark, Sample
+from comat.evaluation.registry import register
+from comat.generation.engine import ImageJob, load_image
+from comat.judges.panel import Judges
 
 KINDS = ("short", "long")
 FILES = {"short": "imageNet_short_prompt.csv", "long": "imageNet_long_prompt.csv"}
@@ -64,26 +70,6 @@ OPENAI_IMAGENET_TEMPLATES = (
     "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
     "a photo of a small {}.", "a tattoo of the {}.",
 )
-
-
-@dataclasses.dataclass
-class AttackConfig:
-    model: str = "toy"
-    ckpt: str | None = None
-    world: str | None = None  # real or toy; default: from the model (toy, toy/...)
-    data: str | None = None  # the upstream CSVs or their directory (default: download the pinned files)
-    unpinned: bool = False
-    kinds: list[str] = dataclasses.field(default_factory=lambda: list(KINDS))
-    classes: list[str] = dataclasses.field(default_factory=list)  # class names or labels; empty: all
-    num_classes: int | None = None  # an evenly spaced subset of this many classes
-    samples_per_class: int | None = None  # None: the protocol's (paper: 20)
-    seed: int | None = None  # sample j of a class uses seed + j; None: the protocol's
-    iterations: int | None = None
-    tokens: int | None = None
-    steps: int | None = None  # sampler steps (a quick, labelled run)
-    batch_size: int = 4  # samples attacked together (they share UNet calls, nothing else)
-    device: str = "auto"
-    judges: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def toy_prompt_words() -> list[str]:
@@ -127,11 +113,11 @@ class PromptAttack(Benchmark):
     ``comat eval attack`` (no attack) that is how often the unattacked prompt already fails."""
 
     name = "attack"
+    title = "prompt attack"
 
     def __init__(self, protocol, *, data: Path | None = None, unpinned: bool = False):
         super().__init__(protocol, data=data, unpinned=unpinned)
         self.run_label = "this run"
-        self.notes: list[str] = []
         self._classes: list[str] | None = None
         self._classifier: tuple[str, ZeroShotClassifier] | None = None
 
@@ -215,6 +201,68 @@ class PromptAttack(Benchmark):
             return vocabulary(tokenizer, toy_prompt_words())
         return vocabulary(tokenizer)
 
+    # -- the attack ------------------------------------------------------------------------------------
+
+    def run(self, samples: Sequence[Sample], ctx) -> list[dict] | None:
+        """With option ``attack`` (``comat attack``): attack every (class, seed) sample whose clean image is
+        classified right. Without it (``comat eval attack``): score the clean images only."""
+        kinds = _listed(self.option("kinds", list(KINDS)))
+        classes = _listed(self.option("classes", []))
+        num_classes = self.option("num_classes", None)
+        samples, labels = self.select(list(samples), kinds, classes, int(num_classes) if num_classes else None)
+        self.run_label = ctx.cfg.model + (" + LoRA" if ctx.cfg.ckpt else "")
+        if not self.option("attack", False):
+            return super().run(samples, ctx)
+        settings = _settings(self.protocol)
+        seeds = self.protocol.seeds()
+        engine = ctx.engine
+        clean_paths = engine.generate([ImageJob(s.prompt, seed) for s in samples for seed in seeds], progress=True)
+        ctx.judges_device = str(engine.execution_device)  # the attack's gradient flows through the classifier
+        judges = ctx.judges
+        clean = self.score(samples, [clean_paths[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(samples))],
+                           judges)
+        expanded = [(s, seed) for s in samples for seed in seeds]
+        todo = [(s, seed, r) for (s, seed), r in zip(expanded, clean) if r["predicted"] == s.meta["classname"]]
+
+        candidates = self.candidates(engine.pipe.tokenizer)
+        attacker = PromptAttacker(engine.pipe, self.classifier(judges)[1], settings, candidates)
+        attack_start = time.perf_counter()
+        results = []
+        batch_size = ctx.cfg.batch_size
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            results += attacker.run([s.prompt for s, _, _ in batch], [s.meta["class_index"] for s, _, _ in batch],
+                                    [seed for _, seed, _ in batch])
+        attack_seconds = time.perf_counter() - attack_start
+
+        finals = [Sample(id=s.id, prompt=res.final_prompt, category=s.category, meta={**s.meta, "seed": seed})
+                  for (s, seed, _), res in zip(todo, results)]
+        final_paths = engine.generate([ImageJob(f.prompt, f.meta["seed"]) for f in finals])
+        scored = {r["id"]: (r, res) for r, res in zip(self.score(finals, [[p] for p in final_paths], judges), results)}
+        records = []
+        for r in clean:
+            base = {k: r[k] for k in ("id", "category", "label", "classname", "prompt", "seed")}
+            base |= {"clean_predicted": r["predicted"], "clean_margin": r["margin"]}
+            if r["id"] not in scored:
+                records.append({**base, "skipped": True, "success": None, "score": None})
+                continue
+            final, res = scored[r["id"]]
+            records.append({**base, "skipped": False, "attack_tokens": res.token_ids, "attack_text": res.attack_text,
+                            "final_prompt": res.final_prompt, "prompt_truncated": res.truncated,
+                            "tokens_roundtrip": res.roundtrip, "predicted": final["predicted"],
+                            "margin": final["margin"], "class_in_text": final["class_in_text"],
+                            "success": final["success"], "score": final["score"], "loss_first": res.losses[0],
+                            "loss_last": res.losses[-1]})
+        self.protocol_extra = {
+            "samples_per_class": self.protocol.images_per_prompt,
+            "partial": bool(classes or num_classes or set(kinds) != set(KINDS)), "kinds": ",".join(kinds),
+            "classes": len(labels), "relaxation": "straight-through" if settings.straight_through else "soft",
+            "candidates_size": int(attacker.candidates.numel())}
+        self.manifest_extra = {"classes": labels, "settings": dataclasses.asdict(settings),
+                               "counts": {"samples": len(records), "attacked": len(todo)},
+                               "seconds": {"attack": round(attack_seconds, 2)}}
+        return records
+
     # -- scoring ---------------------------------------------------------------------------------------
 
     def score(self, samples: Sequence[Sample], images: Sequence[Sequence[Path]], judges) -> list[dict]:
@@ -273,81 +321,6 @@ def _settings(protocol) -> AttackSettings:
                           steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, resolution=s.resolution)
 
 
-def run_attack(cfg: AttackConfig, out: Path) -> dict[str, Any]:
-    """Attack every (class, seed) sample whose clean image is classified right; write the run's outputs."""
-    from benchmarks.runner import world_of
-
-    start = time.perf_counter()
-    overrides: dict[str, Any] = {"options": {k: v for k, v in (("iterations", cfg.iterations), ("tokens", cfg.tokens))
-                                             if v is not None}}
-    for key, value in (("images_per_prompt", cfg.samples_per_class), ("seed", cfg.seed),
-                       ("judges", cfg.judges or None)):
-        if value is not None:
-            overrides[key] = value
-    if cfg.steps is not None:
-        overrides["sampler"] = {"steps": cfg.steps}
-    protocol = load_protocol("attack", cfg.world or world_of(cfg.model), overrides)
-    settings = _settings(protocol)
-    bench = PromptAttack(protocol, data=Path(cfg.data) if cfg.data else None, unpinned=cfg.unpinned)
-    samples, labels = bench.select(bench.samples(), cfg.kinds, cfg.classes, cfg.num_classes)
-    engine = GenerationEngine(cfg.model, ckpt=cfg.ckpt, sampler=protocol.sampler, device=cfg.device,
-                              batch_size=cfg.batch_size)
-    bench.run_label = cfg.model + (" + LoRA" if cfg.ckpt else "")
-    seeds = protocol.seeds()
-
-    clean_paths = engine.generate([ImageJob(s.prompt, seed) for s in samples for seed in seeds], progress=True)
-    judges = Judges(protocol.judges, device=str(engine.pipe._execution_device))
-    clean = bench.score(samples, [clean_paths[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(samples))],
-                        judges)
-    expanded = [(s, seed) for s in samples for seed in seeds]
-    todo = [(s, seed, r) for (s, seed), r in zip(expanded, clean) if r["predicted"] == s.meta["classname"]]
-
-    candidates = bench.candidates(engine.pipe.tokenizer)
-    attacker = PromptAttacker(engine.pipe, bench.classifier(judges)[1], settings, candidates)
-    attack_start = time.perf_counter()
-    results = []
-    for i in range(0, len(todo), cfg.batch_size):
-        batch = todo[i : i + cfg.batch_size]
-        results += attacker.run([s.prompt for s, _, _ in batch], [s.meta["class_index"] for s, _, _ in batch],
-                                [seed for _, seed, _ in batch])
-    attack_seconds = time.perf_counter() - attack_start
-
-    finals = [Sample(id=s.id, prompt=res.final_prompt, category=s.category, meta={**s.meta, "seed": seed})
-              for (s, seed, _), res in zip(todo, results)]
-    final_paths = engine.generate([ImageJob(f.prompt, f.meta["seed"]) for f in finals])
-    scored = {r["id"]: (r, res) for r, res in zip(bench.score(finals, [[p] for p in final_paths], judges), results)}
-    records = []
-    for r in clean:
-        base = {k: r[k] for k in ("id", "category", "label", "classname", "prompt", "seed")}
-        base |= {"clean_predicted": r["predicted"], "clean_margin": r["margin"]}
-        if r["id"] not in scored:
-            records.append({**base, "skipped": True, "success": None, "score": None})
-            continue
-        final, res = scored[r["id"]]
-        records.append({**base, "skipped": False, "attack_tokens": res.token_ids, "attack_text": res.attack_text,
-                        "final_prompt": res.final_prompt, "prompt_truncated": res.truncated,
-                        "tokens_roundtrip": res.roundtrip, "predicted": final["predicted"], "margin": final["margin"],
-                        "class_in_text": final["class_in_text"], "success": final["success"],
-                        "score": final["score"], "loss_first": res.losses[0], "loss_last": res.losses[-1]})
-    aggregate, rows = bench.aggregate(records)
-    partial = bool(cfg.classes or cfg.num_classes or set(cfg.kinds) != set(KINDS))
-    manifest = {
-        "benchmark": "attack",
-        "protocol": {**protocol.summary(), "samples_per_class": protocol.images_per_prompt, "partial": partial or None,
-                     "kinds": ",".join(cfg.kinds),
-                     "classes": len(labels), "relaxation": "straight-through" if settings.straight_through else "soft",
-                     "candidates_size": int(attacker.candidates.numel())},
-        "classes": labels,
-        "data": bench.data_records,
-        "model": engine.identity,
-        "judges": judges.versions(),
-        "settings": dataclasses.asdict(settings),
-        "counts": {"samples": len(records), "attacked": len(todo), "generated": engine.generated,
-                   "judge_answers_computed": judges.cache.computed},
-        "seconds": {"generation": round(engine.generation_seconds, 2), "attack": round(attack_seconds, 2),
-                    "total": round(time.perf_counter() - start, 2)},
-    }
-    files = write_run(out, "attack", records=records, aggregate=aggregate, rows=rows, manifest=manifest,
-                      title=f"prompt attack ({protocol.world} world{', partial' if partial else ''})",
-                      notes=bench.notes)
-    return {"aggregate": aggregate, "rows": rows, "manifest": manifest, "files": files}
+def _listed(value: Any) -> list[str]:
+    """A list option, from code (a list) or the command line (comma-separated)."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]

@@ -1,4 +1,4 @@
-"""Captioner sensitivity (paper Appendix B.3 and Table 7, REFERENCE 2.5): does ``log p(caption | image)`` notice
+"""Captioner sensitivity (paper Appendix B.3 and Table 7): does ``log p(caption | image)`` notice
 when a caption is corrupted?
 
 For an image I with its correct caption P and a corrupted caption P'::
@@ -25,7 +25,7 @@ Corruptions (the paper names attribute and relation sensitivity; the third kind 
 
 A caption that admits no corruption of a kind is skipped for that kind and counted. Where it admits several, one is
 drawn with a generator seeded by (seed, item index). Toy captions are corrupted on the toy grammar (exact); real
-captions on their spaCy parse, with the entity rules of ``comat.parsing`` (a noun, its modifiers, the filtered
+captions on their spaCy parse, with the entity rules of ``comat.models.parsing`` (a noun, its modifiers, the filtered
 abstract and relation nouns).
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -43,9 +42,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.evaluation.benchmark import Benchmark, Sample
+from comat.evaluation.registry import register
 from comat.models.captioners import DEFAULT_PREFIX, KNOWN_KINDS
-from comat.parsing import FILTERED_NOUNS, RELATION_NOUNS, _attributes, _is_candidate, _is_filtered, _is_word, load_spacy
+from comat.models.parsing import FILTERED_NOUNS, RELATION_NOUNS, is_filtered, load_spacy, noun_entities
 from comat.toy.prompts import CATEGORIES, Mention, PromptSpec, parse_prompt
 
 if TYPE_CHECKING:
@@ -67,19 +68,6 @@ TABLE_COLUMNS = ("source", "captioner", "parameters", "S", "S attribute", "S rel
 Corrupter = Callable[[str, str, np.random.Generator], "str | None"]
 
 
-@dataclasses.dataclass
-class SensitivityConfig:
-    captioner: str | None = None  # blip | git | llava (a kind) or toy/blip, toy/git; None: toy/blip, with data blip
-    captioner_model: str | None = None  # a kind's checkpoint (hub id or directory); None: the paper's
-    data: str | None = None  # JSONL of {"image", "caption"}; None: renders of toy eval prompts
-    n: int = 300  # toy world: scenes
-    seed: int = 0
-    batch_size: int = 16
-    device: str = "auto"
-    prefix: str = DEFAULT_PREFIX
-    spacy_model: str = "en_core_web_sm"
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Item:
     """One image with its correct caption. ``pixels``: the toy render; real images are read from ``image``."""
@@ -93,7 +81,7 @@ class Item:
     def array(self) -> np.ndarray:
         if self.pixels is not None:
             return self.pixels
-        from comat.engine import load_image
+        from comat.generation.engine import load_image
 
         try:
             return np.asarray(load_image(Path(self.image)))
@@ -243,11 +231,9 @@ class SpacyCorruptions:
         self.vocab = {k: sorted(v) for k, v in vocab.items()}
 
     def entities(self, doc: "Doc") -> list[tuple["Token", list["Token"]]]:
-        """(noun, attribute tokens) of every entity: ``comat.parsing.parse_entities``'s rule without the CLIP token
+        """(noun, attribute tokens) of every entity: ``comat.models.parsing.parse_entities``'s rule without the CLIP token
         alignment it adds (a noun used as another noun's modifier is no entity; filtered nouns are dropped)."""
-        candidates = [(t, _attributes(t)) for t in doc if _is_candidate(t) and _is_word(t)]
-        used = {a.i for _, attrs in candidates for a in attrs}
-        return [(t, attrs) for t, attrs in candidates if t.i not in used and not _is_filtered(t, self.filtered)]
+        return [(t, attrs) for t, attrs in noun_entities(doc) if not is_filtered(t, self.filtered)]
 
     def __call__(self, caption: str, kind: str, rng: np.random.Generator) -> str | None:
         doc = self.docs.get(caption) or self.nlp(caption)
@@ -355,7 +341,7 @@ def log_probs(captioner, items: Sequence[Item], texts: Sequence[Sequence[str]], 
               batch_size: int) -> list[list[float]]:
     """``log p(text | image)`` of every text of every item (summed over caption tokens). A batch holds images of
     one size only, since real images differ in size."""
-    from comat.engine import to_tensor
+    from comat.generation.engine import to_tensor
 
     out: list[list[float]] = [[] for _ in items]
     pending: list[tuple[int, np.ndarray, str]] = []
@@ -461,53 +447,80 @@ def resolve_captioner(name: str | None, ref: str | None, real_data: bool) -> tup
     return name, ref or PAPER_CAPTIONERS[name]
 
 
-def run(cfg: SensitivityConfig, out: Path) -> dict:
-    """Build the test set, score it with the captioner, write the run's outputs into ``out``."""
-    from benchmarks.data import sha256_of
-    from comat.fingerprint import model_fingerprint
-    from comat.models.captioners import load_captioner
-    from comat.results import write_run
-    from comat.runtime import resolve_device
+@register
+class CaptionerSensitivity(Benchmark):
+    """The test set's (image, caption) pairs are the samples; :meth:`run` scores every triple with the captioner
+    (options ``captioner``, ``captioner_model``; see :func:`resolve_captioner`). No image is generated."""
 
-    start = time.perf_counter()
-    kind, ref = resolve_captioner(cfg.captioner, cfg.captioner_model, cfg.data is not None)
-    if cfg.data is not None:
-        items = read_pairs(Path(cfg.data))
-        corrupt: Corrupter = SpacyCorruptions([i.caption for i in items], load_spacy(cfg.spacy_model))
-        digest = sha256_of(Path(cfg.data))
-        data = {"path": str(cfg.data), "sha256": digest, "pairs": len(items), "parser": cfg.spacy_model}
-        data_line = f"{cfg.data} (sha256 {digest[:12]}, {len(items)} pairs, spaCy {cfg.spacy_model})"
-    else:
-        items = toy_items(cfg.n, cfg.seed)
-        corrupt = ToyCorruptions([i.caption for i in items])
-        data = {"toy": "renders of toy eval prompts, categories in turn", "scenes": len(items), "seed": cfg.seed}
-        data_line = f"toy eval prompts, {len(items)} renders, seed {cfg.seed}"
-    captioner = load_captioner(kind, ref, device=resolve_device(cfg.device))
-    records, skipped = measure(captioner, items, corrupt, seed=cfg.seed, prefix=cfg.prefix, batch_size=cfg.batch_size)
-    agg = aggregate(records, skipped, len(items))
-    parameters = captioner.num_parameters()
-    label = ref if ref.startswith("toy/") or ref == PAPER_CAPTIONERS[kind] else f"{kind} ({ref})"
-    protocol = {
-        "benchmark": "captioner sensitivity (paper Table 7)", "world": "real" if cfg.data else "toy", "data": data_line,
-        "captioner": label, "log_p": f"sum over caption tokens after the prefix {cfg.prefix!r}, end token included",
-        "S": "(log p(P|I) - log p(P'|I)) / |log p(P|I)|, mean over triples",
-        "corruptions": "attribute swap, relation (subject/object) swap, noun replacement", "seed": cfg.seed,
-    }
-    notes = ["skipped (caption admits no corruption of the kind): "
-             + ", ".join(f"{k} {skipped[k]} of {len(items)}" for k in KINDS),
-             "share of triples with log p(P|I) > log p(P'|I): "
-             + ", ".join(f"{k} {agg['per_kind'][k]['prefers_true']:.3f}" for k in KINDS)]
-    if agg["undefined"]:
-        notes.append(f"{agg['undefined']} triples have log p(P|I) = 0 exactly: S undefined, left out of the means")
-    manifest = {
-        "benchmark": "sensitivity", "protocol": protocol, "data": data,
-        "captioner": {"kind": kind, "ref": ref, "class": type(captioner.model).__name__,
-                      "fingerprint": model_fingerprint(ref), "parameters": parameters},
-        "config": dataclasses.asdict(cfg),
-        "counts": {"items": len(items), "triples": agg["triples"], "skipped": dict(skipped)},
-        "seconds": {"total": round(time.perf_counter() - start, 2)},
-    }
-    rows = table_rows(label, parameters, agg)
-    files = write_run(out, "sensitivity", records=records, aggregate=agg, rows=rows, manifest=manifest,
-                      title=f"Captioner sensitivity ({protocol['world']} world)", notes=notes)
-    return {"aggregate": agg, "rows": rows, "manifest": manifest, "files": files, "notes": notes}
+    name = "sensitivity"
+    title = "Captioner sensitivity"
+
+    def __init__(self, protocol, *, data: Path | None = None, unpinned: bool = False):
+        super().__init__(protocol, data=data, unpinned=unpinned)
+        self.items: dict[str, Item] = {}
+        self._skipped: Counter = Counter()
+        self._measured: tuple[str, int, int] = ("", 0, 0)  # captioner label, parameters, items
+
+    def samples(self) -> list[Sample]:
+        if self.data_dir is not None:
+            items = read_pairs(self.data_dir)
+        else:
+            items = toy_items(int(self.option("n", 300)), self.protocol.seed)
+        self.items = {i.id: i for i in items}
+        return [Sample(i.id, i.caption, i.category) for i in items]
+
+    def run(self, samples: Sequence[Sample], ctx) -> list[dict]:
+        from comat.core.runtime import resolve_device
+        from comat.evaluation.data import sha256_of
+        from comat.models.captioners import load_captioner
+        from comat.models.fingerprint import model_fingerprint
+
+        items = [self.items[s.id] for s in samples]
+        seed, prefix = self.protocol.seed, self.option("prefix", DEFAULT_PREFIX)
+        kind, ref = resolve_captioner(self.option("captioner", None), self.option("captioner_model", None),
+                                      self.data_dir is not None)
+        if self.data_dir is not None:
+            spacy_model = self.option("spacy_model", "en_core_web_sm")
+            corrupt: Corrupter = SpacyCorruptions([i.caption for i in items], load_spacy(spacy_model))
+            digest = sha256_of(self.data_dir)
+            data = {"path": str(self.data_dir), "sha256": digest, "pairs": len(items), "parser": spacy_model}
+            data_line = f"{self.data_dir} (sha256 {digest[:12]}, {len(items)} pairs, spaCy {spacy_model})"
+        else:
+            corrupt = ToyCorruptions([i.caption for i in items])
+            data = {"toy": "renders of toy eval prompts, categories in turn", "scenes": len(items), "seed": seed}
+            data_line = f"toy eval prompts, {len(items)} renders, seed {seed}"
+        captioner = load_captioner(kind, ref, device=resolve_device(ctx.cfg.device))
+        records, self._skipped = measure(captioner, items, corrupt, seed=seed, prefix=prefix,
+                                         batch_size=ctx.cfg.batch_size)
+        label = ref if ref.startswith("toy/") or ref == PAPER_CAPTIONERS[kind] else f"{kind} ({ref})"
+        self._measured = (label, captioner.num_parameters(), len(items))
+        self.protocol_extra = {
+            "benchmark": "captioner sensitivity (paper Table 7)", "data": data_line, "images_per_prompt": None,
+            "seeds": None, "sampler": None, "judges": None, "captioner": label,
+            "log_p": f"sum over caption tokens after the prefix {prefix!r}, end token included",
+            "S": "(log p(P|I) - log p(P'|I)) / |log p(P|I)|, mean over triples",
+            "corruptions": "attribute swap, relation (subject/object) swap, noun replacement", "seed": seed,
+        }
+        self.manifest_extra = {
+            "data": data,
+            "captioner": {"kind": kind, "ref": ref, "class": type(captioner.model).__name__,
+                          "fingerprint": model_fingerprint(ref), "parameters": self._measured[1]},
+            "counts": {"items": len(items), "skipped": dict(self._skipped)},
+        }
+        return records
+
+    def score(self, samples: Sequence[Sample], images: Sequence[Sequence[Path]], judges) -> list[dict]:
+        raise NotImplementedError("captioner sensitivity scores captions of given images, not generated images")
+
+    def aggregate(self, records: Sequence[dict]) -> tuple[dict, list[dict]]:
+        label, parameters, n_items = self._measured
+        agg = aggregate(records, self._skipped, n_items)
+        self.manifest_extra.setdefault("counts", {})["triples"] = agg["triples"]
+        self.notes = ["skipped (caption admits no corruption of the kind): "
+                      + ", ".join(f"{k} {self._skipped[k]} of {n_items}" for k in KINDS),
+                      "share of triples with log p(P|I) > log p(P'|I): "
+                      + ", ".join(f"{k} {agg['per_kind'][k]['prefers_true']:.3f}" for k in KINDS)]
+        if agg["undefined"]:
+            self.notes.append(f"{agg['undefined']} triples have log p(P|I) = 0 exactly: S undefined, left out of "
+                              "the means")
+        return agg, table_rows(label, parameters, agg)

@@ -1,4 +1,4 @@
-"""T2I-CompBench (Huang et al. 2023): attribute binding, spatial, non-spatial and complex prompts (REFERENCE 2.1).
+"""T2I-CompBench (Huang et al. 2023): attribute binding, spatial, non-spatial and complex prompts.
 
 Scoring follows the official scripts (BLIPvqa_eval, UniDet_eval/2D_spatial_eval.py, CLIPScore_eval, 3_in_1):
 
@@ -21,9 +21,10 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.registry import Benchmark, Sample, register
-from comat.errors import ComatError
-from comat.parsing import load_spacy
+from comat.core.errors import ComatError
+from comat.evaluation.benchmark import Benchmark, Sample
+from comat.evaluation.registry import register
+from comat.models.parsing import load_spacy
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 BLIP_CATEGORIES = ("color", "shape", "texture")
@@ -184,7 +185,6 @@ class T2ICompBench(Benchmark):
         if self.mode not in MODES:
             raise ComatError(f"t2i-compbench option mode={self.mode!r} is unknown; use mode=faithful or mode=fixed")
         self.frame = float(protocol.options.get("spatial_frame", 479))
-        self.notes: list[str] = []
         self._nlp = None
 
     @property

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from comat.config import load_config
-from comat.errors import ComatError
+from comat.core.config import load_config
+from comat.core.errors import ComatError
 
 app = typer.Typer(
     name="comat",
@@ -81,7 +81,7 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Generate images for prompts with a base model and an optional LoRA."""
-    from comat.generate import GenerateConfig, generate as run, read_prompt_file
+    from comat.generation.generate import GenerateConfig, generate as run, read_prompt_file
 
     listed = list(prompt or []) + (read_prompt_file(prompts) if prompts else [])
     cfg = resolve_config(
@@ -115,8 +115,8 @@ def train(
     """Fine-tune a model with CoMat (concept activation, fidelity preservation, attribute concentration)."""
     from accelerate import PartialState
 
-    from comat.train import profile as run_profile, train as run_train
-    from comat.train_config import load_train_config
+    from comat.methods.comat.config import load_train_config
+    from comat.train.trainer import profile as run_profile, train as run_train
 
     _threads_for_cpu(threads)
 
@@ -162,8 +162,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Generate and score a benchmark for a checkpoint; a second run of the same checkpoint generates nothing."""
-    from benchmarks.runner import EvalConfig, evaluate as run
-    from comat.results import markdown_table, protocol_line
+    from comat.evaluation.runner import EvalConfig, evaluate as run
 
     _threads_for_cpu(None)
     cfg = resolve_config(
@@ -172,26 +171,36 @@ def evaluate(
         images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
         options=_pairs(option, "--option") or None,
     )
-    result = run(benchmark, cfg, out)
-    if result:
-        say(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]))
-        counts = result["manifest"]["counts"]
-        say(f"generated {counts['generated']} of {counts['images']} images (the rest were cached); "
-            f"wrote {', '.join(str(p) for p in result['files'].values())}")
+    _print_run(run(benchmark, cfg, out))
+
+
+def _print_run(result: dict) -> None:
+    """The table with its protocol line, the notes, what was generated and where the outputs went."""
+    from comat.core.results import markdown_table, protocol_line
+
+    if not result:  # a process that only shared the generation
+        return
+    say(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]))
+    for note in result["notes"]:
+        say(f"- {note}")
+    counts, seconds = result["manifest"]["counts"], result["manifest"]["seconds"]
+    made = (f"generated {counts['generated']} of {counts['images']} images (the rest were cached); "
+            if "generated" in counts else "")
+    say(f"{made}{seconds['total']} s; wrote {', '.join(str(p) for p in result['files'].values())}")
 
 
 @app.command()
 def demo(
-    out: OutOpt = Path("reports/toy/demo"),
+    out: OutOpt = Path("out/demo"),
     device: DeviceOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: 180, which keeps the demo within 15 min on 2 CPU cores).")] = None,
     limit: Annotated[int, typer.Option(help="Prompts per T2I-CompBench category in the evaluations.")] = 20,
     set_: SetOpt = None,
 ) -> None:
     """Train CoMat on the toy world and compare base and fine-tuned on toy T2I-CompBench (the README's main job)."""
-    from benchmarks.runner import EvalConfig
-    from comat.demo import demo as run
-    from comat.results import markdown_table
+    from comat.core.results import markdown_table
+    from comat.evaluation.runner import EvalConfig
+    from comat.experiments.demo import demo as run
 
     _threads_for_cpu(None)
     overrides = tuple(set_ or ()) + ((f"steps={steps}",) if steps else ())
@@ -205,7 +214,7 @@ def demo(
 def ablate(
     matrix: Annotated[str, typer.Argument(help="Ablation matrix: ca-ac, fid, captioner, stop-grad, grad-steps (ablations/*.yaml).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset: toy (default), sd15 or sdxl.")] = None,
-    out: OutOpt = Path("reports/toy"),
+    out: OutOpt = Path("out/ablate"),
     seed: Annotated[Optional[int], typer.Option("--seed", help="First training seed: cells train with seed..seed+seeds-1.")] = None,
     device: DeviceOpt = None,
     seeds: Annotated[Optional[int], typer.Option(help="Training seeds per cell (mean and std over them).")] = None,
@@ -216,8 +225,8 @@ def ablate(
     set_: SetOpt = None,
 ) -> None:
     """Train and evaluate every cell of an ablation matrix (resumable); write the paper-shaped table."""
-    from comat.ablate import AblateConfig, run_ablation
-    from comat.results import markdown_table
+    from comat.core.results import markdown_table
+    from comat.experiments.ablate import AblateConfig, run_ablation
 
     _threads_for_cpu(None)
     cfg = resolve_config(AblateConfig, config, None, model=model, first_seed=seed, seeds=seeds, steps=steps, limit=limit, shard=shard,
@@ -253,17 +262,14 @@ def sensitivity(
     set_: SetOpt = None,
 ) -> None:
     """Captioner sensitivity to attribute swaps, subject/object swaps and noun replacements (paper Table 7)."""
-    from benchmarks.sensitivity import SensitivityConfig, run
-    from comat.results import markdown_table, protocol_line
+    from comat.evaluation.runner import EvalConfig, evaluate as run
 
     _threads_for_cpu(None)
-    cfg = resolve_config(SensitivityConfig, config, set_, captioner=captioner, captioner_model=captioner_model,
-                         data=str(data) if data else None, n=n, batch_size=batch_size, seed=seed, device=device)
-    result = run(cfg, out)
-    say(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]))
-    for note in result["notes"]:
-        say(f"- {note}")
-    say(f"{result['manifest']['seconds']['total']} s; wrote {', '.join(str(p) for p in result['files'].values())}")
+    options = {"captioner": captioner, "captioner_model": captioner_model, "n": n}
+    cfg = resolve_config(EvalConfig, config, set_, world="real" if data else "toy", data=str(data) if data else None,
+                         batch_size=batch_size, seed=seed, device=device,
+                         options={k: v for k, v in options.items() if v is not None} or None)
+    _print_run(run("sensitivity", cfg, out))
 
 
 @app.command()
@@ -288,19 +294,18 @@ def attack(
     set_: SetOpt = None,
 ) -> None:
     """Gumbel-softmax prompt attack success rate on short and long prompts (Du et al. 2023)."""
-    from benchmarks.prompt_attack import AttackConfig, run_attack
-    from comat.results import markdown_table, protocol_line
+    from comat.evaluation.runner import EvalConfig, evaluate as run
 
     _threads_for_cpu(None)
+    options = {"attack": True, "kinds": kind, "classes": class_, "num_classes": num_classes, "iterations": iterations,
+               "tokens": tokens}
     cfg = resolve_config(
-        AttackConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
-        data=str(data) if data else None, unpinned=unpinned or None, kinds=kind or None, classes=class_ or None,
-        num_classes=num_classes, samples_per_class=samples_per_class, iterations=iterations, tokens=tokens,
+        EvalConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
+        data=str(data) if data else None, unpinned=unpinned or None, images_per_prompt=samples_per_class,
         steps=steps, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
+        options={k: v for k, v in options.items() if v is not None},
     )
-    result = run_attack(cfg, out)
-    err.print(markdown_table(result["rows"]) + protocol_line(result["manifest"]["protocol"]), highlight=False, soft_wrap=True)
-    err.print(f"wrote {', '.join(str(p) for p in result['files'].values())}", highlight=False, soft_wrap=True)
+    _print_run(run("attack", cfg, out))
 
 
 @app.command()
@@ -311,7 +316,7 @@ def report(
 ) -> None:
     """Gather the tables, plots and image grids of a run into one Markdown page: OUT/report.md and OUT/figures/*.png
     (OUT: the run directory unless given)."""
-    from comat.report import write_report
+    from comat.experiments.report import write_report
 
     result = write_report(run, out)
     say(f"wrote {result['report']} ({len(result['tables'])} tables) and {len(result['figures'])} figures in "
@@ -349,10 +354,10 @@ def toy_pretrain(
         bool, typer.Option("--profile", help="Time a few steps of each recipe (--jobs at a time) and estimate the full "
                                              "pretraining time; writes OUT/pretrain-profile.json. Trains nothing.")
     ] = False,
-    out: Annotated[Path, typer.Option(help="With --profile: where the profile goes.")] = Path("reports/toy"),
+    out: Annotated[Path, typer.Option(help="With --profile: where the profile goes.")] = Path("out/toy-pretrain"),
 ) -> None:
     """Train the toy model zoo in dependency order, resuming from the last checkpoint."""
-    from comat.io import atomic_write_json
+    from comat.core.io import atomic_write_json
     from comat.models.hub import TOY_ZOO
     from comat.toy.pretrain import PretrainConfig, pretrain_zoo, profile_lines, profile_zoo
     from comat.toy.registry import RECIPES
@@ -373,7 +378,7 @@ def toy_pretrain(
 
 @toy_app.command("eval-zoo")
 def toy_eval_zoo(
-    out: OutOpt = Path("reports/toy"),
+    out: OutOpt = Path("out/toy-zoo"),
     zoo: Annotated[Optional[Path], typer.Option(help="Zoo directory (default: the package's comat/toy/zoo).")] = None,
     seed: SeedOpt = None,
     config: ConfigOpt = None,
@@ -399,7 +404,7 @@ def toy_compare(
     set_: SetOpt = None,
 ) -> None:
     """Single-object fidelity, colour binding and missing objects of the base toy model beside a LoRA."""
-    from comat.results import write_run
+    from comat.core.results import write_run
     from comat.toy.eval_zoo import ZooEvalConfig, compare_t2i
 
     _threads_for_cpu(None)
@@ -419,7 +424,7 @@ def bench_engine(
     rounds: Annotated[int, typer.Option(help="Alternating rounds (direct, engine).")] = 3,
 ) -> None:
     """Generation through the engine (cache keys, PNG writes) against the bare diffusers pipeline."""
-    from comat.perf import engine_overhead
+    from comat.experiments.perf import engine_overhead
 
     _threads_for_cpu(None)
     r = engine_overhead(model or "toy", images=images, batch_size=batch_size, rounds=rounds, device=device or "auto")

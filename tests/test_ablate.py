@@ -3,9 +3,18 @@ import json
 
 import pytest
 
-import comat.ablate as ablate
-from comat.ablate import AblateConfig, Cell, Matrix, check_cells, load_matrix, matrix_names, run_ablation, table_rows
-from comat.errors import ComatError
+import comat.experiments.ablate as ablate
+from comat.core.errors import ComatError
+from comat.experiments.ablate import (
+    AblateConfig,
+    Cell,
+    Matrix,
+    check_cells,
+    load_matrix,
+    matrix_names,
+    run_ablation,
+    table_rows,
+)
 
 
 def test_shipped_matrices_parse_and_every_cell_is_a_valid_toy_config():
@@ -83,9 +92,9 @@ def test_runner_skips_done_cells_records_failures_and_retries_them(fake_cells, t
     run_cell.healed = True
     result = run_ablation("demo", cfg, tmp_path)
     assert calls == [("+CA", 1)]  # only the failed cell runs again
-    table = list(csv.DictReader((tmp_path / "demo.csv").open()))
+    table = list(csv.DictReader((tmp_path / "demo" / "demo.csv").open()))
     assert [r["source"] for r in table] == ["measured", "paper", "measured", "paper"] and table[2]["seeds"] == "2"
-    assert (tmp_path / "demo.md").read_text().startswith("# Demo") and (tmp_path / "demo" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "demo.md").read_text().startswith("# Demo") and (tmp_path / "demo" / "manifest.json").is_file()
 
 
 def test_killed_run_resumes_without_recomputing(fake_cells, tmp_path, monkeypatch):
@@ -120,13 +129,13 @@ def test_a_finished_cell_is_reused_only_for_the_same_inputs(fake_cells, tmp_path
         run_ablation("demo", AblateConfig(seeds=1, limit=50, steps=5), tmp_path)
     with pytest.raises(ComatError, match=r"ca/seed0/cell.json: computed with training=\w{16}, this run asks for training="):
         run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5, set=("lr=1e-3",)), tmp_path)
-    import comat.fingerprint
+    import comat.models.fingerprint
 
-    weights = comat.fingerprint.model_fingerprint("toy")
+    weights = comat.models.fingerprint.model_fingerprint("toy")
     with monkeypatch.context() as patch, pytest.raises(
             ComatError, match=rf"base/seed0/cell.json: computed with model_sha256={weights}, this run asks for "
                               r"model_sha256=retrained \(.*the base model's weights changed\)"):
-        patch.setattr(comat.fingerprint, "model_fingerprint", lambda model: "retrained")
+        patch.setattr(comat.models.fingerprint, "model_fingerprint", lambda model: "retrained")
         run_ablation("demo", AblateConfig(seeds=1, limit=20, steps=5), tmp_path)  # the untrained cell too
     assert calls == []  # nothing was recomputed or overwritten
     del record["inputs"]  # a record from before inputs were kept is reused as it is
@@ -152,8 +161,8 @@ def test_shards_split_cells_and_the_final_run_only_assembles(fake_cells, tmp_pat
 
 
 def test_cells_with_the_same_resolved_config_share_one_training_run(tmp_path, monkeypatch):
-    import comat.train
-    from comat.train_config import load_train_config
+    import comat.train.trainer
+    from comat.methods.comat.config import load_train_config
 
     trained = []
 
@@ -164,7 +173,7 @@ def test_cells_with_the_same_resolved_config_share_one_training_run(tmp_path, mo
         (out / "lora").mkdir()
         return out / "lora"
 
-    monkeypatch.setattr(comat.train, "train", fake_train)
+    monkeypatch.setattr(comat.train.trainer, "train", fake_train)
     runs = tmp_path / "trained"
     full = load_train_config("toy", None, ("steps=5",))
     preset_ml = full.mixed_latent.enabled  # spelling out the preset's own value changes nothing

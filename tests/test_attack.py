@@ -4,16 +4,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks.prompt_attack import AttackConfig, PromptAttack, run_attack
-from benchmarks.registry import load_protocol
-from comat.attack import (
-    AttackSettings, PromptAttacker, ZeroShotClassifier, attack_succeeded, gumbel_softmax, margin_loss, vocabulary,
-)
 from comat.cli import app
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.core.results import read_jsonl
+from comat.evaluation.attack import (
+    AttackSettings,
+    PromptAttacker,
+    ZeroShotClassifier,
+    attack_succeeded,
+    gumbel_softmax,
+    margin_loss,
+    vocabulary,
+)
+from comat.evaluation.registry import load_protocol
+from comat.evaluation.runner import EvalConfig, evaluate
+from comat.generation.sampling import encode, null_embeds
 from comat.judges.clip import ClipJudge
-from comat.results import read_jsonl
-from comat.sampling import encode, null_embeds
+from comat_benchmarks.prompt_attack import PromptAttack
 from tests.tiny import save_tiny_clip, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 FAST = AttackSettings(tokens=2, iterations=2, steps=2, guidance=2.0)
@@ -113,9 +120,9 @@ def test_gradients_reach_only_the_attack_logits_and_runs_are_reproducible(classi
 
 
 def test_tiny_end_to_end_attack_run(tiny_sd_dir, tiny_clip_dir, tmp_path):
-    cfg = AttackConfig(model=str(tiny_sd_dir), world="toy", judges={"clip": str(tiny_clip_dir)}, samples_per_class=1,
-                       iterations=2, tokens=2, steps=2, batch_size=4, device="cpu")
-    result = run_attack(cfg, tmp_path)
+    cfg = EvalConfig(model=str(tiny_sd_dir), world="toy", judges={"clip": str(tiny_clip_dir)}, images_per_prompt=1,
+                     steps=2, batch_size=4, device="cpu", options={"attack": True, "iterations": 2, "tokens": 2})
+    result = evaluate("attack", cfg, tmp_path)
     records = read_jsonl(result["files"]["samples"])
     assert len(records) == 4 * 2  # shapes x kinds, one seed each
     assert {r["seed"] for r in records} == {0}

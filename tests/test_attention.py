@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from comat.attention import AttentionStore
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.generation.attention import AttentionStore
 from comat.models.t2i import LoraSpec, add_lora
 from tests.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -147,7 +147,7 @@ def test_gradient_through_maps_reaches_lora(lora_unet):
 
 
 def _sample_and_capture(pipe, unet, store, capture_steps, grad_steps=(1, 4)):
-    from comat.sampling import cond_rows, encode, initial_latents, make_scheduler, sample_with_grad
+    from comat.generation.sampling import cond_rows, encode, initial_latents, make_scheduler, sample_with_grad
 
     scheduler = make_scheduler(pipe, "ddim")
     embeds = encode(pipe, ["a red cube", "a blue ball"])
@@ -160,7 +160,7 @@ def _sample_and_capture(pipe, unet, store, capture_steps, grad_steps=(1, 4)):
 
 def test_capture_at_chosen_sampler_steps():
     """Capture only at chosen steps of sample_with_grad, conditional half only; off again afterwards."""
-    from comat.sampling import sample_with_grad
+    from comat.generation.sampling import sample_with_grad
 
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -203,7 +203,7 @@ def test_capture_all_is_explicit_everywhere(sd_unet):
     processors = sd_unet.attn_processors
     assert all(type(p).__name__ == "CaptureProcessor" for p in processors.values())  # attn1 too
     calls = []
-    import comat.attention as attention
+    import comat.generation.attention as attention
 
     original = attention.explicit_attention
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models.captioners import Captioner, load_captioner
 from comat.models.tokenizer import word_tokenizer
 
@@ -71,7 +71,14 @@ def _llava_tokenizer():
 
 
 def _save_llava(path):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = _llava_tokenizer()
     text = LlamaConfig(

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
-from comat.config import RESOLVED_NAME, load_config, write_resolved
-from comat.errors import ComatError
+from comat.core.config import RESOLVED_NAME, load_config, write_resolved
+from comat.core.errors import ComatError
 
 
 @dataclasses.dataclass

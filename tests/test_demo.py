@@ -2,8 +2,8 @@ import csv
 import json
 from pathlib import Path
 
-from benchmarks.runner import EvalConfig
-from comat.demo import demo
+from comat.evaluation.runner import EvalConfig
+from comat.experiments.demo import demo
 from tests.test_train import WORDS, base_sets, fake_segmenter, judges  # noqa: F401 - fixtures
 from tests.tiny import save_tiny_clip, save_tiny_vqa
 

@@ -44,9 +44,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from benchmarks.dpg_bench import COLUMNS, DpgBench, faithful_items, fixed_items, read_dpg_csv, toy_csv, toy_rows
-from benchmarks.registry import load_protocol
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.evaluation.registry import load_protocol
+from comat_benchmarks.dpg_bench import COLUMNS, DpgBench, faithful_items, fixed_items, read_dpg_csv, toy_csv, toy_rows
 from tests.test_tifa import FakeJudges
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dpg"
@@ -256,7 +256,7 @@ def test_toy_dpg_with_a_judge_that_always_says_yes(mode, dropped, tmp_path):
 # -- end to end ---------------------------------------------------------------------------------------------
 
 def test_evaluate_end_to_end_on_a_tiny_pipeline(tiny_sd_dir, tmp_path, monkeypatch):
-    from benchmarks.runner import EvalConfig, evaluate
+    from comat.evaluation.runner import EvalConfig, evaluate
     from tests.test_tifa import WORDS, save_tiny_vqa
 
     monkeypatch.setenv("COMAT_CACHE", str(tmp_path / "cache"))

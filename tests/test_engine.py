@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from comat.engine import GenerationEngine, ImageJob, SamplerSettings
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.generation.engine import GenerationEngine, ImageJob, SamplerSettings
 from tests.tiny import run_ranks
 
 JOBS = [ImageJob(p, s) for p in ("a red circle", "a blue square", "a green cross") for s in (0, 1)]
@@ -67,7 +67,7 @@ def test_inference_methods_are_refused_plainly(tiny_sd_dir, tmp_path):
 _SHARD_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from comat.engine import GenerationEngine, ImageJob, SamplerSettings
+from comat.generation.engine import GenerationEngine, ImageJob, SamplerSettings
 jobs = [ImageJob(p, s) for p in ("a red circle", "a blue square", "a green cross") for s in (0, 1)]
 e = GenerationEngine(sys.argv[1], sampler=SamplerSettings(steps=2, guidance=3.0, scheduler="ddim"), batch_size=2,
                      device="cpu", cache=__import__("pathlib").Path(sys.argv[2]))

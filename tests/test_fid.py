@@ -6,14 +6,22 @@ import PIL.Image
 import pytest
 import torch
 
-from benchmarks.coco_fid import draw_coco_sample
-from benchmarks.runner import EvalConfig, evaluate
-from comat.errors import ComatError
-from comat.fid import (
-    InceptionFeatures, Statistics, cached_statistics, centre_crop_resize, decode_features, encode_features, extract,
-    frechet_distance, inception_weights, load_extractor,
+from comat.core.errors import ComatError
+from comat.core.results import read_jsonl
+from comat.evaluation.runner import EvalConfig, evaluate
+from comat.judges.fid import (
+    InceptionFeatures,
+    Statistics,
+    cached_statistics,
+    centre_crop_resize,
+    decode_features,
+    encode_features,
+    extract,
+    frechet_distance,
+    inception_weights,
+    load_extractor,
 )
-from comat.results import read_jsonl
+from comat_benchmarks.coco_fid import draw_coco_sample
 
 
 def _stats(mu, sigma) -> Statistics:
@@ -140,8 +148,8 @@ def test_clip_extractor_is_the_pooled_vision_output(tiny_clip):
 
 
 def test_inception_extractor_loads_weights_without_unpickling(tmp_path):
-    from comat.fingerprint import file_sha256
-    from comat.judges.cached import Judges
+    from comat.judges.panel import Judges
+    from comat.models.fingerprint import file_sha256
 
     random_net = InceptionFeatures(None)
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
@@ -165,7 +173,7 @@ def _offline(*_a, **_k):
 
 def test_absent_inception_weights_offline_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr("comat.fid.urllib.request.urlopen", _offline)
+    monkeypatch.setattr("comat.judges.fid.urllib.request.urlopen", _offline)
     with pytest.raises(ComatError, match=r"weights-inception-2015-12-05-6726825d\.pth are not in .*"
                                          r"--option inception_weights=PATH"):
         inception_weights()
@@ -245,11 +253,11 @@ N = 40  # more samples than the tiny CLIP's 32 feature dimensions, so the covari
 
 @pytest.fixture
 def fast(monkeypatch):
-    from benchmarks import registry
+    from comat.evaluation import registry
 
     real_load = registry.load_protocol
     quick = {"sampler": {"steps": 2, "resolution": 32}}
-    monkeypatch.setattr("benchmarks.runner.load_protocol", lambda n, w, o=None: real_load(n, w, {**(o or {}), **quick}))
+    monkeypatch.setattr("comat.evaluation.runner.load_protocol", lambda n, w, o=None: real_load(n, w, {**(o or {}), **quick}))
 
 
 @pytest.fixture(scope="module")
@@ -300,12 +308,12 @@ def test_real_world_run_records_its_sample_and_reuses_reference_statistics(fast,
     md = first["files"]["markdown"].read_text()
     assert f"sample_size={N}" in md and "reference statistics of 40 images computed" in md
 
-    from comat.judges import cached
+    from comat.judges.fid import FidFeatures
 
-    def no_model(*_a):
+    def no_model(*_a, **_k):
         raise AssertionError("a cached re-run must not load the feature extractor")
 
-    monkeypatch.setitem(cached.LOADERS, "fid_features", no_model)
+    monkeypatch.setattr(FidFeatures, "load", classmethod(no_model))
     again = evaluate("coco-fid", _cfg(tiny_sd_dir, tiny_clip, "real", data=str(coco_dir)), tmp_path / "b")
     counts = again["manifest"]["counts"]
     assert counts["generated"] == counts["judge_answers_computed"] == 0
@@ -342,8 +350,8 @@ def test_missing_real_image_is_named_before_generating(fast, tiny_sd_dir, tiny_c
 
 
 def test_inception_weights_option_is_checked_before_generating(tmp_path, tiny_clip, monkeypatch):
-    from benchmarks.coco_fid import CocoFid
-    from benchmarks.registry import load_protocol
+    from comat.evaluation.registry import load_protocol
+    from comat_benchmarks.coco_fid import CocoFid
 
     def bench(options=None, judges=None):
         return CocoFid(load_protocol("coco-fid", "real", {"options": options or {}, "judges": judges or {}}))
@@ -356,6 +364,6 @@ def test_inception_weights_option_is_checked_before_generating(tmp_path, tiny_cl
     with pytest.raises(ComatError, match="inception_weights applies to the inception-v3 extractor"):
         bench({"inception_weights": str(weights)}, {"fid_features": tiny_clip}).extractor_ref()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr("comat.fid.urllib.request.urlopen", _offline)
+    monkeypatch.setattr("comat.judges.fid.urllib.request.urlopen", _offline)
     with pytest.raises(ComatError, match="weights-inception-2015-12-05-6726825d.pth are not in"):
         bench().samples()  # before the annotation file is even looked at

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comat.errors import ComatError
-from comat.losses import (
+from comat.core.errors import ComatError
+from comat.methods.comat.losses import (
     ImageFeatureDiscriminator,
     LatentDiscriminator,
     attribute_concentration_loss,
@@ -322,7 +322,7 @@ def test_half_precision_maps_are_scored_in_float32():
 def test_latent_discriminator_uses_sdpa_even_from_a_capturing_unet(sd_unet):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from comat.attention import AttentionStore
+    from comat.generation.attention import AttentionStore
 
     store = AttentionStore(capture_all=True).install(sd_unet)
     try:

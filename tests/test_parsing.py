@@ -9,10 +9,9 @@ import pytest
 import spacy
 from spacy.tokens import Doc
 
-from comat import parsing
-from comat.errors import ComatError
-from comat.models.tokenizer import clip_tokenizer
-from comat.parsing import (
+from comat.core.errors import ComatError
+from comat.models import parsing
+from comat.models.parsing import (
     FILTERED_NOUNS,
     OFFICIAL_FILTERED_NOUNS,
     Entity,
@@ -20,6 +19,7 @@ from comat.parsing import (
     load_spacy,
     parse_entities,
 )
+from comat.models.tokenizer import clip_tokenizer
 
 VOCAB = spacy.blank("en").vocab
 

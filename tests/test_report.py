@@ -1,6 +1,6 @@
-"""`comat report` on a run directory built here in the real formats: an ablation matrix written by comat.ablate's own
-table writer, a demo laid out as comat.demo writes it, evaluations written by comat.results.write_run, training logs
-as comat.train's _Log writes them, and tiny solid-colour PNGs standing in for the image cache."""
+"""`comat report` on a run directory built here in the real formats: an ablation matrix written by comat.experiments.ablate's own
+table writer, a demo laid out as comat.experiments.demo writes it, evaluations written by comat.core.results.write_run, training logs
+as comat.train.trainer's _Log writes them, and tiny solid-colour PNGs standing in for the image cache."""
 
 import json
 import re
@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from comat.ablate import AblateConfig, load_matrix, write_table
 from comat.cli import app
-from comat.errors import ComatError
-from comat.report import bar_series, pair_images, write_report
-from comat.results import write_run
+from comat.core.errors import ComatError
+from comat.core.results import write_run
+from comat.experiments.ablate import AblateConfig, load_matrix, write_table
+from comat.experiments.report import bar_series, pair_images, write_report
 from tests.test_cli import run_cli
 
 BENCH = "t2i-compbench"
@@ -49,7 +49,7 @@ def image(cache: Path, model: str, k: int, seed: int) -> Path:
 
 
 def write_eval(directory: Path, cache: Path, lora: str | None) -> list[dict]:
-    """One evaluation as benchmarks.runner writes it. The fine-tuned file lists seed 1 before seed 0 and one prompt
+    """One evaluation as comat.evaluation.runner writes it. The fine-tuned file lists seed 1 before seed 0 and one prompt
     the base never saw, so pairing must go by (id, seed), not by position."""
     model = "base" if lora is None else "tuned"
     seeds = (0, 1) if lora is None else (1, 0)
@@ -68,7 +68,7 @@ def write_eval(directory: Path, cache: Path, lora: str | None) -> list[dict]:
 
 
 def write_log(train_dir: Path, steps: int, offset: float) -> None:
-    """comat.train._Log's format: step, then every logged term, then the step time."""
+    """comat.train.trainer._Log's format: step, then every logged term, then the step time."""
     train_dir.mkdir(parents=True, exist_ok=True)
     lines = ["step,i2t,ac_pos,loss,sec"] + [f"{s},{2 - s * 0.1 + offset:.6g},{0.5 + offset:.6g},{2.5 - s * 0.1:.6g},0.3"
                                             for s in range(1, steps + 1)]
@@ -85,8 +85,8 @@ def run(tmp_path: Path) -> Path:
     rows = [{"category": c, "base": 0.5, "comat": 0.6, "delta": 0.1} for c in PROMPTS]
     write_run(root / "demo", "demo", records=[], aggregate={}, rows=rows, manifest={"protocol": {"benchmark": BENCH}},
               title="CoMat on the toy world: toy T2I-CompBench, base vs fine-tuned")
-    # an ablation: the base cell (one seed) and +CA over two seeds, then comat.ablate's own table writer. Seed 0
-    # trained in its cell, seed 1 in the run's shared trained/ (as comat.ablate.train_shared does), its cell.json
+    # an ablation: the base cell (one seed) and +CA over two seeds, then comat.experiments.ablate's own table writer. Seed 0
+    # trained in its cell, seed 1 in the run's shared trained/ (as comat.experiments.ablate.train_shared does), its cell.json
     # naming the LoRA by the path it had where the command ran (tmp_path).
     (tmp_path / "mini.yaml").write_text(MATRIX)
     matrix = load_matrix(str(tmp_path / "mini.yaml"))
@@ -121,7 +121,7 @@ def test_page_gathers_every_table_curve_and_grid(run, tmp_path):
     assert "### A two-cell matrix" in page and "### CoMat on the toy world" in page
     assert page.count("<details>") == 5 and "+CA: change against base" in page
     names = sorted(p.name for p in result["figures"])
-    assert names == ["bars-demo-demo.png", "bars-mini.png", "curves-demo.png", "curves-mini.png",
+    assert names == ["bars-demo.png", "bars-mini.png", "curves-demo.png", "curves-mini.png",
                      "grid-demo-comat-t2i-compbench.png", "grid-mini-cells-ca-seed0-eval-t2i-compbench.png",
                      "grid-mini-cells-ca-seed1-eval-t2i-compbench.png"]
     for path in result["figures"]:
@@ -168,7 +168,7 @@ def test_pair_images_keys_on_id_and_seed():
 
 
 def test_bar_series_reads_both_table_shapes(run):
-    categories, series, errors = bar_series(run / "mini.csv")  # a row per cell (measured rows only)
+    categories, series, errors = bar_series(run / "mini" / "mini.csv")  # a row per cell (measured rows only)
     assert categories == ["color", "shape"] and list(series) == ["base", "+CA"]
     assert series["+CA"] == pytest.approx([0.61, 0.4]) and errors["+CA"] == pytest.approx([0.0141421, 0.0], abs=1e-6)
     categories, series, errors = bar_series(run / "demo" / "demo.csv")  # a row per category, delta is no model

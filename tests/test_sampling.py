@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comat.errors import ComatError
-from comat.models.t2i import LoraSpec, add_lora, load_t2i
-from comat.sampling import (
+from comat.core.errors import ComatError
+from comat.generation.sampling import (
     cond_rows,
     decode,
     encode,
@@ -18,6 +17,7 @@ from comat.sampling import (
     null_embeds,
     sample_with_grad,
 )
+from comat.models.t2i import LoraSpec, add_lora, load_t2i
 
 PROMPTS = ["a red cube", "a blue ball and a green cube"]
 SIZE = 32  # pixels; the tiny VAE downsamples by 2 -> 16x16 latents

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models import segmenter as seg
 from comat.models.segmenter import (
     best_box_per_noun,

@@ -11,12 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.sensitivity import (
-    KINDS, Item, SensitivityConfig, SpacyCorruptions, ToyCorruptions, aggregate, corruptions, measure, read_pairs,
-    resolve_captioner, run, sensitivity_score, table_rows,
+from comat.core.errors import ComatError
+from comat.core.results import csv_table, markdown_table, read_jsonl
+from comat.evaluation.runner import EvalConfig, evaluate
+from comat_benchmarks.sensitivity import (
+    KINDS,
+    Item,
+    SpacyCorruptions,
+    ToyCorruptions,
+    aggregate,
+    corruptions,
+    measure,
+    read_pairs,
+    resolve_captioner,
+    sensitivity_score,
+    table_rows,
 )
-from comat.errors import ComatError
-from comat.results import csv_table, markdown_table, read_jsonl
 
 
 def _pick_all(corrupt, caption: str, kind: str, draws: int = 30) -> set:
@@ -234,8 +244,9 @@ def test_end_to_end_on_a_tiny_blip_in_the_toy_world(tiny_blip_dir, tmp_path):
     from comat.models.captioners import load_captioner
     from comat.toy.world import render, sample_scene
 
-    cfg = SensitivityConfig(captioner="blip", captioner_model=str(tiny_blip_dir), n=10, seed=3, device="cpu")
-    result = run(cfg, tmp_path / "out")
+    cfg = EvalConfig(world="toy", seed=3, device="cpu",
+                     options={"captioner": "blip", "captioner_model": str(tiny_blip_dir), "n": 10})
+    result = evaluate("sensitivity", cfg, tmp_path / "out")
     files = result["files"]
     assert {p.name for p in files.values()} == {"sensitivity.samples.jsonl", "sensitivity.json", "sensitivity.md",
                                                 "sensitivity.csv", "manifest.json"}
@@ -271,7 +282,8 @@ def test_end_to_end_on_real_format_data(tiny_blip_dir, tmp_path):
              {"image": "c.png", "caption": "a dog"}]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    result = run(SensitivityConfig(captioner_model=str(tiny_blip_dir), data=str(data), device="cpu"), tmp_path / "out")
+    cfg = EvalConfig(world="real", data=str(data), device="cpu", options={"captioner_model": str(tiny_blip_dir)})
+    result = evaluate("sensitivity", cfg, tmp_path / "out")
     got = {(r["id"], r["kind"]): r["corrupted"] for r in read_jsonl(result["files"]["samples"])}
     assert got[("line1", "attribute")] == "a blue car and a red bench"
     assert got[("line2", "relation")] == "a dog on the left of a cat"

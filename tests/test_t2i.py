@@ -4,9 +4,16 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models.t2i import (
-    LoraSpec, add_lora, check_lora_fits, check_prompt_lengths, family_of, load_t2i, lora_rank, save_lora,
+    LoraSpec,
+    add_lora,
+    check_lora_fits,
+    check_prompt_lengths,
+    family_of,
+    load_t2i,
+    lora_rank,
+    save_lora,
 )
 
 GEN = dict(num_inference_steps=3, height=32, width=32, output_type="pt")

@@ -4,14 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.runner import EvalConfig, evaluate
-from benchmarks.t2i_compbench import (
-    blip_vqa_score, complex_objects, find_relation, noun_phrase_questions, position_score, simple_objects,
-    spatial_score, three_in_one,
+from comat.core.errors import ComatError
+from comat.core.results import read_jsonl
+from comat.evaluation.runner import EvalConfig, evaluate
+from comat.models.parsing import load_spacy
+from comat_benchmarks.t2i_compbench import (
+    blip_vqa_score,
+    complex_objects,
+    find_relation,
+    noun_phrase_questions,
+    position_score,
+    simple_objects,
+    spatial_score,
+    three_in_one,
 )
-from comat.errors import ComatError
-from comat.parsing import load_spacy
-from comat.results import read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "t2i_compbench"
 
@@ -111,11 +117,11 @@ def _config(tiny_sd_dir, judges, **kw):
 
 
 def test_end_to_end_on_fixture_data_and_a_cached_rerun(tiny_sd_dir, tiny_judges, tmp_path, monkeypatch):
-    from benchmarks import registry
+    from comat.evaluation import registry
 
     real_load = registry.load_protocol
     fast = {"sampler": {"steps": 2}}
-    monkeypatch.setattr("benchmarks.runner.load_protocol", lambda n, w, o=None: real_load(n, w, {**(o or {}), **fast}))
+    monkeypatch.setattr("comat.evaluation.runner.load_protocol", lambda n, w, o=None: real_load(n, w, {**(o or {}), **fast}))
 
     with pytest.raises(ComatError, match="sha256 .* is not the pinned"):
         evaluate("t2i-compbench", _config(tiny_sd_dir, tiny_judges), tmp_path / "a")

@@ -8,14 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.registry import load_protocol
-from benchmarks.tifa import (
-    QUESTION_FIELDS, Tifa, check_entries, multiple_choice, read_questions, read_text_inputs, tifa_summary, toy_data,
-    toy_questions,
-)
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.evaluation.registry import load_protocol
 from comat.judges.text_embedder import TextEmbedder
 from comat.toy.prompts import parse_prompt
+from comat_benchmarks.tifa import (
+    QUESTION_FIELDS,
+    Tifa,
+    check_entries,
+    multiple_choice,
+    read_questions,
+    read_text_inputs,
+    tifa_summary,
+    toy_data,
+    toy_questions,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tifa"
 WORDS = ["yes", "no", "green", "black", "yellow", "brown", "pale", "surfer", "beach", "is", "there", "a", "cat"]
@@ -281,7 +288,7 @@ def test_toy_tifa_covers_every_toy_eval_prompt_in_the_official_format():
 # -- end to end ---------------------------------------------------------------------------------------------
 
 def test_evaluate_end_to_end_on_a_tiny_pipeline(tiny_sd_dir, tmp_path, monkeypatch):
-    from benchmarks.runner import EvalConfig, evaluate
+    from comat.evaluation.runner import EvalConfig, evaluate
 
     monkeypatch.setenv("COMAT_CACHE", str(tmp_path / "cache"))
     vqa = save_tiny_vqa(tmp_path / "vqa", WORDS)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.toy.pretrain import PretrainConfig, parallel_wall_seconds, pretrain_zoo, train_recipe
-from comat.toy.recipes import corrupt
 from comat.toy.prompts import prompt_specs
+from comat.toy.recipes import corrupt
 from comat.toy.world import sample_batch
 
 

@@ -14,8 +14,14 @@ from comat.models.captioners import load_captioner
 from comat.models.hub import TOY_ZOO
 from comat.toy.prompts import parse_prompt
 from comat.toy.quality import (
-    ATTRIBUTE_KINDS, KIND_WEIGHTS, YES_NO_KINDS, _eval_scenes, captioner_swap_accuracy, random_question,
-    scene_questions, vqa_accuracy,
+    ATTRIBUTE_KINDS,
+    KIND_WEIGHTS,
+    YES_NO_KINDS,
+    _eval_scenes,
+    captioner_swap_accuracy,
+    random_question,
+    scene_questions,
+    vqa_accuracy,
 )
 from comat.toy.recipes_text import PATCH, TEXT_RECIPES, attention_targets, caption_batch
 from comat.toy.world import RGB, ObjectSpec, Scene, render
@@ -116,7 +122,7 @@ def test_vqa_judge_reads_pil_images_like_tensors(trained_once):
 
 
 def test_vqa_judge_rejects_a_captioner(trained_once):
-    from comat.errors import ComatError
+    from comat.core.errors import ComatError
 
     with pytest.raises(ComatError, match="not BlipForQuestionAnswering"):
         VqaJudge.load(trained_once[0] / "blip")

@@ -13,7 +13,11 @@ from comat.models.segmenter import load_segmenter
 from comat.toy import quality_vision as qv
 from comat.toy.prompts import SHAPES
 from comat.toy.recipes_vision import (
-    GroundingDinoRecipe, SamRecipe, detector_processor, detector_tokenizer, imagenet_normalize,
+    GroundingDinoRecipe,
+    SamRecipe,
+    detector_processor,
+    detector_tokenizer,
+    imagenet_normalize,
 )
 from comat.toy.world import SIZE, sample_batch
 

@@ -3,10 +3,27 @@ import json
 import numpy as np
 import pytest
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.toy import (
-    BACKGROUND, CATEGORIES, COLORS, HELD_OUT, RGB, SHAPES, SIZE, caption_pairs, full_mask, parse_prompt,
-    prompt_specs, prompts, render, render_grid, sample_batch, sample_scene, scene_for_prompt, shade, split_of,
+    BACKGROUND,
+    CATEGORIES,
+    COLORS,
+    HELD_OUT,
+    RGB,
+    SHAPES,
+    SIZE,
+    caption_pairs,
+    full_mask,
+    parse_prompt,
+    prompt_specs,
+    prompts,
+    render,
+    render_grid,
+    sample_batch,
+    sample_scene,
+    scene_for_prompt,
+    shade,
+    split_of,
 )
 from comat.toy.world import EXTENT, relation_holds
 

@@ -13,14 +13,14 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import comat.methods.comat as comat_method
-from comat.attention import AttentionStore, CaptureProcessor
-from comat.checkpoint import load_checkpoint
+import comat.methods.comat.method as comat_method
 from comat.cli import app
-from comat.errors import ComatError
+from comat.core.checkpoint import load_checkpoint
+from comat.core.errors import ComatError
+from comat.generation.attention import AttentionStore, CaptureProcessor
 from comat.methods import Batch
-from comat.train import Trainer, load_prompts, train
-from comat.train_config import TrainConfig, load_train_config
+from comat.methods.comat.config import TrainConfig, load_train_config
+from comat.train.trainer import Trainer, load_prompts, train
 from tests.tiny import run_ranks, save_tiny_blip, save_tiny_grounding_dino, save_tiny_sam
 
 PROMPTS = ["a red square and a blue circle", "a green triangle", "a big yellow cross on the left of a purple circle",
@@ -207,7 +207,7 @@ _RANK_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from comat.train import Trainer
+from comat.train.trainer import Trainer
 from tests.test_train import RANK_SETS, config
 torch.set_num_threads(1)
 tr = Trainer(config(Path(sys.argv[1]), Path(sys.argv[2]), *RANK_SETS, ac=False), sys.argv[3], log=lambda m: None)
@@ -300,10 +300,10 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(full_run, tiny_sd_dir, j
         train(config(tiny_sd_dir, judges, *RESUME_SETS), out, log=lambda m: None)
     assert load_checkpoint(out / "checkpoint", modules={})["step"] == 2 and not (out / "lora").exists()
     monkeypatch.setattr(Trainer, "train_step", step)
-    import comat.fingerprint
+    import comat.models.fingerprint
 
     with monkeypatch.context() as patch, pytest.raises(ComatError, match="written with a different model_sha256"):
-        patch.setattr(comat.fingerprint, "model_fingerprint", lambda model: "retrained")
+        patch.setattr(comat.models.fingerprint, "model_fingerprint", lambda model: "retrained")
         train(config(tiny_sd_dir, judges, *RESUME_SETS), out, log=lambda m: None)  # other base weights: no resume
     state_file = out / "checkpoint" / "state.json"
     state = json.loads(state_file.read_text())
@@ -357,9 +357,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_sd_dir, judges, tmp_p
 _NAN_RANK_SCRIPT = """
 import sys, torch
 from pathlib import Path
-import comat.methods.comat as comat_method
-from comat.errors import ComatError
-from comat.train import train
+import comat.methods.comat.method as comat_method
+from comat.core.errors import ComatError
+from comat.train.trainer import train
 from tests.test_train import RANK_SETS, config
 torch.set_num_threads(1)
 real = comat_method.concept_activation_loss

@@ -106,8 +106,12 @@ def save_tiny_blip(path, words: list[str], size: int = 32, seed: int = 0):
 def save_tiny_grounding_dino(path, words: list[str], seed: int = 0):
     """A random GroundingDINO (64 px, vocabulary ``words``) saved with its processor, loadable by ``load_segmenter``."""
     from transformers import (
-        BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
-        GroundingDinoProcessor, SwinConfig,
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
     )
 
     from comat.toy.recipes_vision import detector_tokenizer

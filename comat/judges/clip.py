@@ -10,17 +10,18 @@ from typing import Sequence
 import PIL.Image
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.judges.base import Judge
 from comat.models.hub import resolve_model_path
 
 
-def _unit(features) -> torch.Tensor:
+def unit_features(features) -> torch.Tensor:
     # transformers 5 returns the projected features as an output's pooler_output, 4.x as a tensor.
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     return torch.nn.functional.normalize(features, dim=-1)
 
 
-class ClipJudge(torch.nn.Module):
+class ClipJudge(torch.nn.Module, Judge):
     def __init__(self, model, processor):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
@@ -45,12 +46,12 @@ class ClipJudge(torch.nn.Module):
     @torch.no_grad()
     def image_embeds(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
-        return _unit(self.model.get_image_features(pixel_values=pixels))
+        return unit_features(self.model.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
         enc = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True).to(self.device)
-        return _unit(self.model.get_text_features(**enc))
+        return unit_features(self.model.get_text_features(**enc))
 
     def similarity(self, images: Sequence[PIL.Image.Image], texts: Sequence[str]) -> list[float]:
         """Cosine of each image with its text."""

@@ -14,9 +14,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.judges.base import Judge
 from comat.models.hub import resolve_model_path
-from comat.models.segmenter import _to_uint8_hwc, detection_query
+from comat.models.segmenter import detection_query, to_uint8_hwc
 
 Detection = tuple[str, float, tuple[float, float, float, float]]
 
@@ -73,7 +74,7 @@ def detections_from_outputs(
     return [(labels[label[i]], float(score[i]), tuple(float(v) for v in boxes[i])) for i in kept]
 
 
-class Detector:
+class Detector(Judge):
     """Labelled boxes with confidences for a list of label words (stand-in interface for UniDet)."""
 
     def __init__(self, model: torch.nn.Module, processor, *, threshold: float = 0.5, nms_iou: float = 0.5,
@@ -114,7 +115,7 @@ class Detector:
         query = detection_query(labels)
         results: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = [_to_uint8_hwc(im) for im in images[start : start + self.batch_size]]
+            chunk = [to_uint8_hwc(im) for im in images[start : start + self.batch_size]]
             inputs = self.processor(images=[PIL.Image.fromarray(im) for im in chunk], text=[query] * len(chunk),
                                     return_tensors="pt").to(self.device)
             out = self.model(**inputs)

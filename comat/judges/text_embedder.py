@@ -1,6 +1,6 @@
 """Sentence embeddings, and TIFA's multiple-choice mapping: a free-form answer becomes the choice nearest to it.
 
-Real world (REFERENCE 2.2): ``sentence-transformers/all-mpnet-base-v2`` loaded with transformers' ``AutoModel``
+Real world (TIFA's protocol): ``sentence-transformers/all-mpnet-base-v2`` loaded with transformers' ``AutoModel``
 and pooled as TIFA's ``SBERTModel`` (and sentence-transformers itself) do: the mean of the last hidden states
 over the attention mask, then L2 normalisation. The sentence-transformers package is not needed for this, so it
 is not a dependency.
@@ -20,12 +20,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from comat.errors import ComatError
-from comat.judges.clip import _unit
+from comat.core.errors import ComatError
+from comat.judges.base import Judge
+from comat.judges.clip import unit_features
 from comat.models.hub import resolve_model_path
 
 
-class TextEmbedder:
+class TextEmbedder(Judge):
     """Unit-length sentence embeddings from a frozen text encoder. Build one with :meth:`load`."""
 
     def __init__(self, model, tokenizer, *, pooling: str, batch_size: int = 64):
@@ -72,7 +73,7 @@ class TextEmbedder:
             enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
                                  return_tensors="pt").to(self.device)
             if self.pooling == "clip":
-                out.append(_unit(self.model.get_text_features(input_ids=enc.input_ids,
+                out.append(unit_features(self.model.get_text_features(input_ids=enc.input_ids,
                                                               attention_mask=enc.attention_mask)).float().cpu())
                 continue
             hidden = self.model(**enc)[0]

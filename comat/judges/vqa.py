@@ -1,6 +1,6 @@
 """BLIP-VQA judge: yes-probabilities (T2I-CompBench) and short free-form answers (TIFA / DPG-Bench stand-in).
 
-Protocol (T2I-CompBench BLIP-VQA, REFERENCE 2.1): the question goes through BLIP's text encoder with its
+Protocol (T2I-CompBench BLIP-VQA): the question goes through BLIP's text encoder with its
 first token set to ``[ENC]`` (the original BLIP code does this; HF's processor leaves ``[CLS]``), the
 answer decoder starts from ``[DEC]``, and ``p = P(yes) / (P(yes) + P(no))`` at the first decoding step.
 
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
+from comat.judges.base import Judge
 from comat.models.hub import resolve_model_path
 
 # BLIP's VQA checkpoints were fine-tuned at 480 px; their HF processor configs say 384.
@@ -64,7 +65,7 @@ def answer_logits(model, states: Tensor, attention_mask: Tensor, decoder_input_i
     ).logits
 
 
-class VqaJudge(torch.nn.Module):
+class VqaJudge(torch.nn.Module, Judge):
     """A frozen ``BlipForQuestionAnswering`` with its processor. Build one with :meth:`load`."""
 
     def __init__(self, model, processor, *, image_size: int):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.methods.base import Batch, FineTuneMethod, InferenceMethod, Update
 
 # name -> "module:Class". Planned: "softrepa" (FineTuneMethod, soft tokens), "conform" and "attend-excite"
 # (InferenceMethod, latent updates during sampling); see comat.methods.base.
-METHODS: dict[str, str] = {"comat": "comat.methods.comat:CoMat"}
+METHODS: dict[str, str] = {"comat": "comat.methods.comat.method:CoMat"}
 
 __all__ = ["Batch", "FineTuneMethod", "InferenceMethod", "METHODS", "Update", "get_method"]
 

@@ -1,4 +1,4 @@
-"""The method interface: what the trainer (``comat.train``) and the sampler need from an alignment method.
+"""The method interface: what the trainer (``comat.train.trainer``) and the sampler need from an alignment method.
 
 Three shapes of method, one small interface each:
 
@@ -7,7 +7,7 @@ Three shapes of method, one small interface each:
   (:meth:`~FineTuneMethod.updates`: parameter sets, each with its optimiser settings and loss) and how to write
   and apply the result (:meth:`~FineTuneMethod.save` / :meth:`~FineTuneMethod.load`).
 
-  - CoMat (``comat.methods.comat``): a LoRA on the UNet, plus a second update for its discriminator.
+  - CoMat (``comat.methods.comat.method``): a LoRA on the UNet, plus a second update for its discriminator.
   - SoftREPA (planned): soft text tokens as the trainable parameters, inserted by forward pre-hooks on the UNet's
     cross-attention inputs (``encoder_hidden_states`` gains n tokens in the chosen blocks), so sampling and
     attention capture need no UNet copy; ``training_loss`` is the B x B contrastive denoising loss; ``save``
@@ -15,7 +15,7 @@ Three shapes of method, one small interface each:
 
 * :class:`InferenceMethod` changes sampling only: the sampler calls :meth:`~InferenceMethod.latent_update` before
   each UNet call and continues from the latents it returns. CONFORM and Attend-and-Excite (planned) optimise the
-  latent there against a loss on cross-attention maps captured with ``comat.attention.AttentionStore``.
+  latent there against a loss on cross-attention maps captured with ``comat.generation.attention.AttentionStore``.
 
 Register a method by name in ``comat.methods.METHODS``.
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from comat.sampling import PromptEmbeds
+from comat.generation.sampling import PromptEmbeds
 
 Terms = dict[str, Tensor]
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models.hub import resolve_model_path
 
 KNOWN_KINDS = ("blip", "git", "llava")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 
 TOY_ZOO = Path(__file__).resolve().parent.parent / "toy" / "zoo"
 

@@ -29,7 +29,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models.hub import resolve_model_path
 
 SAM_CONFIG_NAME = "sam_config.json"
@@ -307,7 +307,7 @@ def load_sam(sam: str | os.PathLike, sam_type: str = "vit_b") -> torch.nn.Module
 # --------------------------------------------------------------------------- the segmenter
 
 
-def _to_uint8_hwc(image: torch.Tensor | PIL.Image.Image | np.ndarray) -> np.ndarray:
+def to_uint8_hwc(image: torch.Tensor | PIL.Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, PIL.Image.Image):
         return np.asarray(image.convert("RGB")).copy()
     if isinstance(image, np.ndarray):
@@ -382,7 +382,7 @@ class Segmenter:
         one query phrase and get the same mask.
         """
         out_device = image.device if isinstance(image, torch.Tensor) else torch.device("cpu")
-        pixels = _to_uint8_hwc(image)
+        pixels = to_uint8_hwc(image)
         h, w = pixels.shape[:2]
         masks = torch.zeros(len(nouns), h, w, dtype=torch.bool)
         keys = [" ".join(_words(n)) for n in nouns]

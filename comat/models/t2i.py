@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from peft import LoraConfig
 from safetensors import safe_open
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 from comat.models.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def add_lora(unet: torch.nn.Module, spec: LoraSpec, adapter_name: str = "default
 
 def save_lora(pipe: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write the UNet LoRA in diffusers' format (``pytorch_lora_weights.safetensors``)."""
-    from peft.utils import get_peft_model_state_dict
     from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name))
     directory = Path(directory)

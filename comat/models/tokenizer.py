@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import BertTokenizer, CLIPTokenizer
 
-from comat.io import atomic_write_text
-from comat.runtime import cache_dir
+from comat.core.io import atomic_write_text
+from comat.core.runtime import cache_dir
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 

@@ -14,20 +14,20 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-from comat.io import atomic_write_json, atomic_write_text
+from comat.core.io import atomic_write_json, atomic_write_text
+from comat.core.runtime import environment
 from comat.judges.detector import Detector
 from comat.judges.vqa import VqaJudge
 from comat.models.captioners import load_captioner
 from comat.models.segmenter import load_segmenter
 from comat.models.t2i import load_lora, load_t2i
-from comat.runtime import environment
-from comat.toy.prompts import SHAPES, Mention, PromptSpec, prompt_specs
 from comat.toy.pretrain import parallel_wall_seconds, profile_lines, read_training_record
+from comat.toy.prompts import SHAPES, Mention, PromptSpec, prompt_specs
 from comat.toy.quality import captioner_swap_accuracy, vqa_accuracy
 from comat.toy.quality_vision import detector_recall, segmenter_miou
 from comat.toy.registry import RECIPES
 
-# (metric, comparison, threshold) as issue 3 sets them.
+# (metric, comparison, threshold): the quality a zoo model must reach for the toy world to stand in for the real one.
 BARS = [
     ("vqa_accuracy", ">=", 0.97),
     ("detector_recall", ">=", 0.95),
@@ -45,7 +45,7 @@ class ZooEvalConfig:
     judge_scenes: int = 400  # held-out ground-truth renders per judge metric
     images_per_prompt: int = 4
     sample_steps: int = 25
-    guidance: float = 4.0  # the toy t2i model's best single-object acceptance (reports/toy/zoo-experiments.md)
+    guidance: float = 4.0  # the toy t2i model's best single-object acceptance (docs/toy-zoo-guidance-texture-stage.md)
     seed: int = 0
 
 
@@ -154,7 +154,7 @@ def evaluate_zoo(zoo: Path, cfg: ZooEvalConfig) -> dict:
 
 
 def compare_t2i(ckpt: Path, cfg: ZooEvalConfig, zoo: Path | None = None) -> dict:
-    """The text-to-image metrics of the base toy model and of it with a LoRA (issue 4's measure of CoMat)."""
+    """The text-to-image metrics of the base toy model and of it with a LoRA (how ``comat toy compare`` measures a fine-tune)."""
     from comat.models.hub import TOY_ZOO
 
     zoo = zoo or TOY_ZOO

@@ -25,11 +25,11 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from comat.checkpoint import load_checkpoint, save_checkpoint
-from comat.errors import ComatError
-from comat.io import atomic_write_json
+from comat.core.checkpoint import load_checkpoint, save_checkpoint
+from comat.core.errors import ComatError
+from comat.core.io import atomic_write_json
+from comat.core.runtime import environment, machine
 from comat.models.hub import TOY_ZOO
-from comat.runtime import environment, machine
 
 LOG_EVERY = 25
 

@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from comat.errors import ComatError
+from comat.core.errors import ComatError
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")

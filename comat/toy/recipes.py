@@ -213,7 +213,7 @@ class UnetRecipe:
     model draws worst. A third stage (from the second's export, with its settings) weighs the v-loss of cells an object
     touches ``1 + third_object_weight`` times the background's: objects cover a fifth of the image or less, so an
     unweighted loss is mostly background, and the dots and the size asked for were what the samples missed.
-    The history of these choices: reports/toy/zoo-experiments.md."""
+    The measurements behind these choices: docs/toy-zoo-*.md."""
 
     name, requires, steps, lr, ema, batch = "t2i", ("clip", "vae"), 28000, 5e-4, 0.995, 32
     constant_steps, decay_steps, final_lr_fraction, decay_ema = 8000, 16000, 0.05, 0.999

@@ -27,8 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
-    BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipImageProcessor,
-    BlipProcessor, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor,
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForQuestionAnswering,
+    BlipImageProcessor,
+    BlipProcessor,
+    CLIPImageProcessor,
+    GitConfig,
+    GitForCausalLM,
+    GitProcessor,
 )
 
 from comat.judges.vqa import answer_logits, encode_questions, question_states
@@ -36,7 +44,16 @@ from comat.models.captioners import DEFAULT_PREFIX, IGNORE_INDEX, token_log_prob
 from comat.models.tokenizer import word_tokenizer
 from comat.toy.pretrain import export_fp16
 from comat.toy.prompts import (
-    CATEGORIES, COLORS, RELATIONS, SHAPES, SIZES, TEXTURES, Mention, PromptSpec, evaluation_keys, random_spec,
+    CATEGORIES,
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    Mention,
+    PromptSpec,
+    evaluation_keys,
+    random_spec,
 )
 from comat.toy.quality import scene_questions
 from comat.toy.recipes import CLIP_MEAN, CLIP_STD, clip_normalize, corrupt

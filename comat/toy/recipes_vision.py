@@ -20,8 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
-    BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoImageProcessor,
-    GroundingDinoProcessor, SwinConfig,
+    BertConfig,
+    BertTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    SwinConfig,
 )
 
 from comat.models.segmenter import build_custom_sam, detection_query, save_sam

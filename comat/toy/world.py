@@ -27,7 +27,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from comat.toy.prompts import (
-    CATEGORIES, COLORS, SIZES, PromptSpec, parse_prompt, sample_spec,
+    CATEGORIES,
+    COLORS,
+    SIZES,
+    PromptSpec,
+    parse_prompt,
+    sample_spec,
 )
 
 SIZE = 64

@@ -1,0 +1,1 @@
+"""Sampling with and without gradients, cross-attention capture, and the cached generation engine."""

@@ -1,0 +1,1 @@
+"""The trainer every fine-tuning method runs in (``comat train``)."""
