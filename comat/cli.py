@@ -42,6 +42,11 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML 
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="Override one config field: field=value (repeatable).")
 ]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", help="Torch threads of this process (default: $COMAT_THREADS, else every usable core).")]
+ProcessesOpt = Annotated[Optional[int], typer.Option(
+    "--processes", help="CPU processes that share image generation when no launcher started several (default: "
+                        "$COMAT_PROCESSES, else every usable core); results do not depend on it.")]
 
 C = TypeVar("C")
 
@@ -56,12 +61,10 @@ def say(msg: str) -> None:
     err.print(msg, highlight=False, soft_wrap=True)
 
 
-def _threads_for_cpu(threads: Optional[int]) -> None:
-    import torch
+def use_threads(threads: Optional[int]) -> None:
+    from comat.core.runtime import configure_threads
 
-    if threads or not torch.cuda.is_available():
-        # Shared cores: a torch pool as wide as the machine spins against other jobs (tens of times slower here).
-        torch.set_num_threads(threads or 1)
+    configure_threads(threads)
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -79,10 +82,12 @@ def generate(
     images_per_prompt: Annotated[Optional[int], typer.Option("--images-per-prompt", "-n")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate images for prompts with a base model and an optional LoRA."""
     from comat.generation.generate import GenerateConfig, generate as run, read_prompt_file
 
+    use_threads(threads)
     listed = list(prompt or []) + (read_prompt_file(prompts) if prompts else [])
     cfg = resolve_config(
         GenerateConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
@@ -110,7 +115,7 @@ def train(
         bool, typer.Option("--profile", help="Time a few steps with selective vs all-layer attention capture.")
     ] = False,
     method: Annotated[str, typer.Option("--method", help="Fine-tuning method.")] = "comat",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default on a CPU-only machine: 1).")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Fine-tune a model with CoMat (concept activation, fidelity preservation, attribute concentration)."""
     from accelerate import PartialState
@@ -118,7 +123,7 @@ def train(
     from comat.methods.comat.config import load_train_config
     from comat.train.trainer import profile as run_profile, train as run_train
 
-    _threads_for_cpu(threads)
+    use_threads(threads)
 
     flags = {"model": model, "seed": seed, "steps": None if profile else steps}
     overrides = tuple(set_ or ()) + tuple(f"{k}={v}" for k, v in flags.items() if v is not None)
@@ -160,16 +165,18 @@ def evaluate(
     option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE benchmark option, e.g. mode=fixed.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Generate and score a benchmark for a checkpoint; a second run of the same checkpoint generates nothing."""
     from comat.evaluation.runner import EvalConfig, evaluate as run
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     cfg = resolve_config(
         EvalConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, device=device,
         data=str(data) if data else None, unpinned=unpinned or None, categories=category or None, limit=limit,
         images_per_prompt=images_per_prompt, seed=seed, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
-        options=_pairs(option, "--option") or None,
+        options=_pairs(option, "--option") or None, processes=processes,
     )
     _print_run(run(benchmark, cfg, out))
 
@@ -196,15 +203,17 @@ def demo(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: 180, which keeps the demo within 15 min on 2 CPU cores).")] = None,
     limit: Annotated[int, typer.Option(help="Prompts per T2I-CompBench category in the evaluations.")] = 20,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Train CoMat on the toy world and compare base and fine-tuned on toy T2I-CompBench (the README's main job)."""
     from comat.core.results import markdown_table
     from comat.evaluation.runner import EvalConfig
     from comat.experiments.demo import demo as run
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     overrides = tuple(set_ or ()) + ((f"steps={steps}",) if steps else ())
-    result = run(out, overrides=overrides, eval_config=EvalConfig(limit=limit, device=device or "auto"),
+    result = run(out, overrides=overrides, eval_config=EvalConfig(limit=limit, device=device or "auto", processes=processes),
                  device=device or "auto", log=say)
     say(markdown_table(result["rows"]))
     say(f"wrote {result['files']['markdown']} and {result['files']['csv']}")
@@ -223,14 +232,16 @@ def ablate(
     shard: Annotated[Optional[str], typer.Option(help="i/n: run every n-th cell from i (one process per GPU); rerun without it for the table.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Train and evaluate every cell of an ablation matrix (resumable); write the paper-shaped table."""
     from comat.core.results import markdown_table
     from comat.experiments.ablate import AblateConfig, run_ablation
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     cfg = resolve_config(AblateConfig, config, None, model=model, first_seed=seed, seeds=seeds, steps=steps, limit=limit, shard=shard,
-                         device=device, set=tuple(set_) if set_ else None)
+                         device=device, processes=processes, set=tuple(set_) if set_ else None)
     result = run_ablation(matrix, cfg, out, log=say)
     if result:
         say(markdown_table(result["markdown"]) + "\n".join(result["agreement"]))
@@ -260,11 +271,12 @@ def sensitivity(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Captioner sensitivity to attribute swaps, subject/object swaps and noun replacements (paper Table 7)."""
     from comat.evaluation.runner import EvalConfig, evaluate as run
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     options = {"captioner": captioner, "captioner_model": captioner_model, "n": n}
     cfg = resolve_config(EvalConfig, config, set_, world="real" if data else "toy", data=str(data) if data else None,
                          batch_size=batch_size, seed=seed, device=device,
@@ -292,18 +304,20 @@ def attack(
     judge: Annotated[Optional[list[str]], typer.Option("--judge", help="clip=MODEL: replace the classifier's CLIP.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Gumbel-softmax prompt attack success rate on short and long prompts (Du et al. 2023)."""
     from comat.evaluation.runner import EvalConfig, evaluate as run
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     options = {"attack": True, "kinds": kind, "classes": class_, "num_classes": num_classes, "iterations": iterations,
                "tokens": tokens}
     cfg = resolve_config(
         EvalConfig, config, set_, model=model, ckpt=str(ckpt) if ckpt else None, seed=seed, device=device,
         data=str(data) if data else None, unpinned=unpinned or None, images_per_prompt=samples_per_class,
         steps=steps, batch_size=batch_size, judges=_pairs(judge, "--judge") or None,
-        options={k: v for k, v in options.items() if v is not None},
+        options={k: v for k, v in options.items() if v is not None}, processes=processes,
     )
     _print_run(run("attack", cfg, out))
 
@@ -402,12 +416,13 @@ def toy_compare(
     seed: SeedOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Single-object fidelity, colour binding and missing objects of the base toy model beside a LoRA."""
     from comat.core.results import write_run
     from comat.toy.eval_zoo import ZooEvalConfig, compare_t2i
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     result = compare_t2i(ckpt, resolve_config(ZooEvalConfig, config, set_, seed=seed))
     files = write_run(out, "compare", records=[], aggregate={r["metric"]: r for r in result["rows"]}, rows=result["rows"],
                       manifest={"protocol": result["protocol"], "environment": result["environment"]},
@@ -422,15 +437,35 @@ def bench_engine(
     images: Annotated[int, typer.Option(help="Images per round and path.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     rounds: Annotated[int, typer.Option(help="Alternating rounds (direct, engine).")] = 3,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generation through the engine (cache keys, PNG writes) against the bare diffusers pipeline."""
     from comat.experiments.perf import engine_overhead
 
-    _threads_for_cpu(None)
+    use_threads(threads)
     r = engine_overhead(model or "toy", images=images, batch_size=batch_size, rounds=rounds, device=device or "auto")
     say(f"direct pipeline {r['direct_images_per_s']:.2f} img/s, engine {r['engine_images_per_s']:.2f} img/s, "
         f"engine/direct time {r['engine_over_direct']:.3f} ({r['images']} images per path, batch {r['batch_size']}, "
         f"{r['sampler']}, model {r['model']})")
+
+
+@bench_app.command("eval")
+def bench_eval(
+    benchmark: Annotated[str, typer.Argument(help="The benchmark to time.")] = "t2i-compbench",
+    model: ModelOpt = None,
+    limit: Annotated[int, typer.Option(help="Prompts per category (20: the evaluation of comat demo).")] = 20,
+    threads: ThreadsOpt = None,
+    processes: ProcessesOpt = None,
+) -> None:
+    """A CPU evaluation (generation and scoring, cold caches) at one thread, at the default threads and with worker
+    processes, in one run."""
+    from comat.core.results import markdown_table
+    from comat.experiments.perf import eval_throughput
+
+    use_threads(threads)
+    r = eval_throughput(benchmark, model=model or "toy", limit=limit, processes=processes)
+    say(markdown_table(r["rows"]) + f"{r['benchmark']} on {r['model']}, {r['limit']} prompts per category "
+        f"({r['images']} images), cold image and judge caches, {r['cores']} usable cores")
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Generated images, judge answers and latents are cached by content; tests must neither read a user's cache nor
 # leave one behind.
 os.environ["COMAT_CACHE"] = tempfile.mkdtemp(prefix="comat-test-cache-")
+# One thread and one generation process unless a test asks for more: tiny models gain nothing from either, and a
+# command run in this process (CliRunner) would otherwise widen torch's threads for every later test.
+os.environ.setdefault("COMAT_THREADS", "1")
+os.environ.setdefault("COMAT_PROCESSES", "1")
 
 import pytest
 import torch

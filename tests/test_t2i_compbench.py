@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -152,3 +153,22 @@ def test_bad_data_file_is_named(tmp_path, tiny_sd_dir, tiny_judges):
     with pytest.raises(ComatError, match="no file 'shape_val.txt'"):
         evaluate("t2i-compbench", EvalConfig(model=str(tiny_sd_dir), data=str(tmp_path / "data"), unpinned=True,
                                              judges=tiny_judges), tmp_path / "out")
+
+
+def test_worker_processes_give_the_scores_of_one_process(tiny_sd_dir, tiny_judges, tmp_path, monkeypatch):
+    from comat.evaluation import registry
+
+    real_load = registry.load_protocol
+    fast = {"sampler": {"steps": 2}}
+    monkeypatch.setattr("comat.evaluation.runner.load_protocol", lambda n, w, o=None: real_load(n, w, {**(o or {}), **fast}))
+    runs = {}
+    for processes in (1, 2):
+        monkeypatch.setenv("COMAT_CACHE", str(tmp_path / f"cache{processes}"))  # each run generates everything
+        cfg = dataclasses.replace(_config(tiny_sd_dir, tiny_judges, unpinned=True), processes=processes, batch_size=4)
+        runs[processes] = evaluate("t2i-compbench", cfg, tmp_path / f"run{processes}")
+    one, two = runs[1], runs[2]
+    assert two["manifest"]["parallelism"]["generation"]["processes"] == 2
+    assert two["manifest"]["counts"]["generated"] == one["manifest"]["counts"]["generated"] == 26
+    assert two["aggregate"]["scores"] == one["aggregate"]["scores"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "image"} for r in rs]  # noqa: E731 (paths differ by cache)
+    assert strip(read_jsonl(two["files"]["samples"])) == strip(read_jsonl(one["files"]["samples"]))

@@ -12,6 +12,38 @@ import torch
 from comat.core.errors import ComatError
 
 RECORDED_PACKAGES = ("comat", "torch", "diffusers", "transformers", "peft", "accelerate", "spacy")
+THREADS_ENV, PROCESSES_ENV = "COMAT_THREADS", "COMAT_PROCESSES"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _count(value: int | str | None, source: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ComatError(f"{source}={value!r}: give a whole number of at least 1")
+    return n
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's threads for this process: ``threads`` (``--threads``), else ``$COMAT_THREADS``, else every usable
+    core. Returns the number set."""
+    n = _count(threads, "--threads") or _count(os.environ.get(THREADS_ENV), THREADS_ENV) or usable_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def cpu_processes(processes: int | None = None) -> int:
+    """Processes to share CPU work over: ``processes`` (``--processes``), else ``$COMAT_PROCESSES``, else every
+    usable core (each process then runs ``threads // processes`` torch threads)."""
+    return _count(processes, "--processes") or _count(os.environ.get(PROCESSES_ENV), PROCESSES_ENV) or usable_cores()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from comat.core.errors import ComatError
 from comat.core.results import write_run
+from comat.core.runtime import cpu_processes
 from comat.evaluation.benchmark import Benchmark, Protocol, Sample
 from comat.evaluation.registry import benchmark_class, load_protocol
 from comat.generation.engine import GenerationEngine
@@ -34,6 +37,7 @@ class EvalConfig:
     seed: int | None = None  # first image seed; None: the protocol's
     steps: int | None = None  # sampler steps; None: the protocol's (another count is a labelled, quick run)
     batch_size: int = 8
+    processes: int | None = None  # CPU generation processes without a launcher; None: $COMAT_PROCESSES or every core
     device: str = "auto"
     judges: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> model, overriding the protocol
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # benchmark options (e.g. mode=fixed)
@@ -78,7 +82,8 @@ class RunContext:
     def engine(self) -> GenerationEngine:
         if self._engine is None:
             self._engine = GenerationEngine(self.cfg.model, ckpt=self.cfg.ckpt, sampler=self.protocol.sampler,
-                                            device=self.cfg.device, batch_size=self.cfg.batch_size)
+                                            device=self.cfg.device, batch_size=self.cfg.batch_size,
+                                            processes=cpu_processes(self.cfg.processes))
         return self._engine
 
     @property
@@ -98,8 +103,10 @@ class RunContext:
             out["model"] = self._engine.identity
             out["counts"]["generated"] = self._engine.generated
             out["seconds"]["generation"] = round(self._engine.generation_seconds, 2)
+            out["parallelism"] = {"generation": self._engine.parallelism}
         if self._judges is not None:
             out["judges"] = self._judges.versions()
+            out.setdefault("parallelism", {})["judges"] = {"processes": 1, "threads_per_process": torch.get_num_threads()}
             out["counts"]["judge_answers_computed"] = self._judges.cache.computed
         return out
 

@@ -108,6 +108,7 @@ class AblateConfig:
     limit: int | None = None  # prompts per benchmark category
     shard: str | None = None  # "i/n": run every n-th cell starting at i, skip the table
     device: str = "auto"
+    processes: int | None = None  # CPU generation processes (see comat.evaluation.runner.EvalConfig)
     set: tuple[str, ...] = ()  # training overrides applied to every cell
 
 
@@ -191,7 +192,8 @@ def run_cell(matrix: Matrix, cell: Cell, seed: int, cfg: AblateConfig, cell_dir:
         lora = str(train_shared(train_cfg, runs, cfg.device, log))
     trained_s = time.perf_counter() - start
     result = evaluate(matrix.benchmark, EvalConfig(model=train_cfg.model, ckpt=lora, limit=cfg.limit,
-                                                   device=cfg.device, options=dict(matrix.eval_options)),
+                                                   device=cfg.device, processes=cfg.processes,
+                                                   options=dict(matrix.eval_options)),
                       cell_dir / "eval")
     scores = result["aggregate"].get("scores", result["aggregate"])
     missing = [m for m in matrix.metrics if m not in scores]

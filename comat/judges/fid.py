@@ -306,7 +306,9 @@ def throughput(extractor: FeatureExtractor, size: int, batch_size: int = 32, rou
 
 
 def main() -> None:
-    torch.set_num_threads(1)  # the shared-CPU convention of this project (1 thread)
+    from comat.core.runtime import configure_threads
+
+    configure_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     setting = f"batch 32, {device}, torch threads {torch.get_num_threads()}"
     runs = ((load_extractor("toy/clip", device), 64, 20), (InceptionFeatures(None, device), 512, 2))
