@@ -214,14 +214,12 @@ class PromptAttack(Benchmark):
         if not self.option("attack", False):
             return super().run(samples, ctx)
         settings = _settings(self.protocol)
-        seeds = self.protocol.seeds()
         engine = ctx.engine
-        clean_paths = engine.generate([ImageJob(s.prompt, seed) for s in samples for seed in seeds], progress=True)
+        clean_images = self.generate(samples, ctx)
         ctx.judges_device = str(engine.execution_device)  # the attack's gradient flows through the classifier
         judges = ctx.judges
-        clean = self.score(samples, [clean_paths[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(samples))],
-                           judges)
-        expanded = [(s, seed) for s in samples for seed in seeds]
+        clean = self.score(samples, clean_images, judges)
+        expanded = [(s, seed) for s in samples for seed in self.protocol.seeds()]
         todo = [(s, seed, r) for (s, seed), r in zip(expanded, clean) if r["predicted"] == s.meta["classname"]]
 
         candidates = self.candidates(engine.pipe.tokenizer)

@@ -142,7 +142,7 @@ def load_config(
     if path is not None:
         file_data = read_config_file(path)
         where = str(path)
-        _merge(data, file_data)
+        data = deep_merge(data, file_data)
     for item in overrides:
         if "=" not in item:
             raise ComatError(f"override '{item}' must look like field=value (e.g. lora.rank=64)")
@@ -151,12 +151,12 @@ def load_config(
     return _build(cls, data, where)
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top: nested tables merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from comat.core.errors import ComatError
 
@@ -57,9 +57,6 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self.names()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
 
     def get(self, name: str) -> T:
         if name not in self._items:

@@ -55,7 +55,6 @@ class Sample:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-
 class Benchmark(ABC):
     """Load the benchmark's samples, score generated images with the official formula, aggregate as upstream.
 
@@ -103,11 +102,16 @@ class Benchmark(ABC):
                              + " or ".join(f"--option {key}={c}" for c in shown))
         return value
 
-    def run(self, samples: Sequence[Sample], ctx: "RunContext") -> list[dict] | None:
-        """The run's records; None on a process that only shared the generation (the main process scores)."""
+    def generate(self, samples: Sequence[Sample], ctx: "RunContext") -> list[list[Path]]:
+        """The protocol's images of every sample (``self.images``), from the cache or the engine."""
         seeds = self.protocol.seeds()
         paths = ctx.engine.generate([ImageJob(s.prompt, seed) for s in samples for seed in seeds], progress=True)
         self.images = [paths[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(samples))]
+        return self.images
+
+    def run(self, samples: Sequence[Sample], ctx: "RunContext") -> list[dict] | None:
+        """The run's records; None on a process that only shared the generation (the main process scores)."""
+        self.generate(samples, ctx)
         if not ctx.is_main_process:  # scoring is cheap next to generation
             return None
         return self.score(samples, self.images, ctx.judges)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from comat.core.config import deep_merge
 from comat.core.errors import ComatError
 from comat.core.registry import Registry, import_object
 from comat.evaluation.benchmark import Benchmark, Protocol
@@ -56,13 +57,6 @@ def benchmark_names() -> list[str]:
     return sorted(protocol_entries())
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_protocol(name: str, world: str = "real", overrides: dict | None = None) -> Protocol:
     entries = protocol_entries()
     if name not in entries:
@@ -71,7 +65,7 @@ def load_protocol(name: str, world: str = "real", overrides: dict | None = None)
         raise ComatError(f"unknown world '{world}'; use one of {', '.join(WORLDS)}")
     entry, source = entries[name]
     raw = {k: v for k, v in entry.items() if k not in WORLDS}
-    raw = _merge(_merge(raw, entry.get(world) or {}), overrides or {})
+    raw = deep_merge(deep_merge(raw, entry.get(world) or {}), overrides or {})
     fields = {f.name for f in dataclasses.fields(Protocol)} - {"name", "world"}
     unknown = set(raw) - fields
     if unknown:

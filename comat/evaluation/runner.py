@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from comat.core.config import deep_merge
 from comat.core.errors import ComatError
 from comat.core.results import write_run
 from comat.core.runtime import cpu_processes
@@ -117,13 +118,6 @@ def _overrides(cfg: EvalConfig) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
     """Run benchmark ``name`` under ``cfg``; write its samples, table and manifest into ``out``. Returns the
     aggregate, the table rows, the manifest, the notes and the written files ({} on a non-main process)."""
@@ -149,7 +143,7 @@ def evaluate(name: str, cfg: EvalConfig, out: Path) -> dict[str, Any]:
         "counts": {"prompts": len(samples), "images": len(samples) * protocol.images_per_prompt, **used["counts"]},
         "seconds": {**used["seconds"], "total": round(time.perf_counter() - start, 2)},
     }
-    manifest = _merged(manifest, bench.manifest_extra)
+    manifest = deep_merge(manifest, bench.manifest_extra)
     title = getattr(bench, "title", name)
     files = write_run(out, name, records=records, aggregate=aggregate, rows=rows, manifest=manifest,
                       title=f"{title} ({protocol.world} world{', partial' if partial else ''})", notes=bench.notes)

@@ -28,8 +28,9 @@ import io
 import json
 import time
 import urllib.request
+from abc import abstractmethod
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator
 from unittest import mock
 
 import numpy as np
@@ -45,14 +46,6 @@ INCEPTION_REF = "inception-v3"
 SQRTM_EPS = 1e-6
 IMAGINARY_ATOL = 1e-3
 RESAMPLE = PIL.Image.Resampling.BICUBIC
-
-
-class FeatureExtractor(Protocol):
-    dims: int
-    description: str
-
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 ``[B, 3, H, W]`` -> float32 ``[B, dims]``."""
 
 
 # --- Inception-v3 (torch-fidelity) ----------------------------------------------------------------------------
@@ -103,7 +96,13 @@ def _torch_fidelity_inception(state: dict | None):
 
 class FidFeatures(Judge):
     """The ``fid_features`` role: the standard FID Inception-v3 for an Inception reference, else a CLIP vision
-    tower (the toy world's)."""
+    tower (the toy world's). Called on uint8 ``[B, 3, H, W]``, it returns float32 ``[B, dims]``."""
+
+    dims: int
+    description: str
+
+    @abstractmethod
+    def __call__(self, images: torch.Tensor) -> np.ndarray: ...
 
     @classmethod
     def load(cls, ref: str, *, device: str | torch.device = "cpu") -> "FidFeatures":
@@ -209,7 +208,7 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def extract(extractor: FeatureExtractor, images: Iterable[np.ndarray], batch_size: int = 32) -> np.ndarray:
+def extract(extractor: FidFeatures, images: Iterable[np.ndarray], batch_size: int = 32) -> np.ndarray:
     """Features of HWC uint8 images, float32 ``[N, D]``."""
     chunks = [extractor(to_batch(b)) for b in batched(images, batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, extractor.dims), np.float32)
@@ -292,7 +291,7 @@ def cached_statistics(extractor_id: str, data_key: str, preprocessing: str,
 
 # --- throughput (performance figure) --------------------------------------------------------------------------
 
-def throughput(extractor: FeatureExtractor, size: int, batch_size: int = 32, rounds: int = 3) -> tuple[float, float]:
+def throughput(extractor: FidFeatures, size: int, batch_size: int = 32, rounds: int = 3) -> tuple[float, float]:
     """Images per second through ``extractor`` on random uint8 batches of ``size`` px, after one warm-up batch: by
     wall clock, and per second of this process's CPU time (what an uncontended machine would give; on a shared
     machine the two differ by the share of the cores this process got)."""
